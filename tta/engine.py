@@ -1,0 +1,131 @@
+"""The online loop: predict -> select -> update, batch by batch, metrics on the device.
+
+    results = tta.engine.run(method, stream, source_model=frozen_copy)
+
+Per batch the engine calls ``method(x)`` (which returns the logits of that batch's prediction and
+adapts), optionally runs the frozen source model on the same batch for ``source_accuracy``, and
+accumulates accuracy, NLL and ECE on the device. The host reads them at the end of each domain and
+every ``log_every`` batches for the progress bar.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+
+from .data.stream import Batch, OrderHash
+from .metrics import DomainMetrics, mean_over_domains
+from .methods.base import Method
+
+
+def _autocast(device: torch.device, amp: bool):
+    if not amp:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def check_labels(labels: torch.Tensor, num_classes: int, open_set: bool = False) -> None:
+    """Labels must be integers in [0, C) (-1 marks out-of-distribution samples in open-set streams).
+
+    Checked on the CPU copy when the stream provides one; on a device tensor this is a host sync.
+    """
+    if labels.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+        raise ValueError(f"labels must be integers, got dtype {labels.dtype}")
+    low = -1 if open_set else 0
+    if labels.numel() and (int(labels.min()) < low or int(labels.max()) >= num_classes):
+        raise ValueError(f"labels out of range: expected values in [{low}, {num_classes - 1}], "
+                         f"got min {int(labels.min())}, max {int(labels.max())}")
+
+
+def prepare(method: Method, *, device: torch.device, channels_last: bool = False, compile: bool = False) -> Method:
+    method.to(device)
+    if method.source:
+        method.source[0].to(device)
+    if channels_last:
+        method.model.to(memory_format=torch.channels_last)
+    if compile:
+        method.model.net.compile()
+    return method
+
+
+def run(
+    method: Method,
+    stream: Iterable[Batch],
+    *,
+    source_model: nn.Module | None = None,
+    reset_each_domain: bool = True,
+    device: torch.device | str | None = None,
+    amp: bool = False,
+    channels_last: bool = False,
+    compile: bool = False,
+    progress: bool = True,
+    log_every: int = 10,
+    open_set: bool = False,
+    check_label_range: bool = True,
+) -> dict[str, Any]:
+    """Adapt ``method`` online over ``stream`` and return results, counters and timings.
+
+    Args:
+        source_model: the frozen source model, evaluated on the same batches (``source_accuracy``).
+        reset_each_domain: reset the method when the domain changes (``reset_each_shift``);
+            ``False`` adapts continually.
+        amp: bf16 autocast; channels_last / compile: speed options.
+    """
+    device = torch.device(device) if device is not None else next(method.parameters()).device
+    prepare(method, device=device, channels_last=channels_last, compile=compile)
+    if source_model is not None:
+        source_model.to(device).eval().requires_grad_(False)
+        if channels_last:
+            source_model.to(memory_format=torch.channels_last)
+    metrics: dict[str, DomainMetrics] = {}
+    order = OrderHash()
+    total = len(stream) if hasattr(stream, "__len__") else None
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total, desc=method.name, unit="batch", dynamic_ncols=True)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
+    current = None
+    for i, batch in enumerate(stream):
+        if check_label_range and batch.labels.device.type == "cpu":
+            check_labels(batch.labels, method.num_classes, open_set)
+        if batch.domain != current:
+            if current is not None and reset_each_domain:
+                method.reset()
+            current = batch.domain
+            metrics.setdefault(current, DomainMetrics(device))
+        order.update(batch.domain, batch.ids)
+        x = batch.images.to(device, non_blocking=True)
+        labels = batch.labels.to(device, non_blocking=True)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with _autocast(device, amp):
+            logits = method(x)
+            source_logits = None
+            if source_model is not None:
+                with torch.no_grad():
+                    source_logits = source_model(x)
+        metrics[current].update(logits, labels, source_logits)
+        if bar is not None:
+            bar.update(1)
+            if (i + 1) % log_every == 0:
+                bar.set_postfix(domain=current, acc=f"{metrics[current].running_accuracy():.3f}")
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    wall = time.perf_counter() - start
+    if bar is not None:
+        bar.close()
+    domains = {name: m.result() for name, m in metrics.items()}
+    return {
+        "results": {"mean": mean_over_domains(domains), "domains": domains},
+        "stats": method.stats(),
+        "order_hash": order.hexdigest(),
+        "wall_time_s": wall,
+        "peak_memory_mb": (torch.cuda.max_memory_allocated(device) / 2**20) if device.type == "cuda" else None,
+    }

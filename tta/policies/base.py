@@ -1,0 +1,95 @@
+"""The policy abstraction: per-batch context in, per-sample weight out.
+
+A policy reads a :class:`BatchContext` and returns a weight per sample (0 = excluded). A method
+multiplies the weights of its policies in order; each policy is told which samples are still
+alive, so expensive signals (the frozen source model's logits, the logits of an object-destroyed
+view) are computed only for those, once per batch, and shared through the context.
+"""
+from __future__ import annotations
+
+from functools import cached_property
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from ..objectives.entropy import shannon_entropy
+
+
+class BatchContext:
+    """Signals of one batch, each computed lazily and at most once.
+
+    Args:
+        x: the input batch (images in [0, 1]).
+        logits: the adapted model's logits on ``x`` (with grad when the method learns).
+        model: the adapted model (a callable from images to logits).
+        source_model: a callable returning the frozen source model, built on first use.
+    """
+
+    def __init__(self, x: torch.Tensor, logits: torch.Tensor, model: Callable[[torch.Tensor], torch.Tensor],
+                 source_model: Callable[[], nn.Module] | None = None, **extras: Any):
+        self.x = x
+        self.logits = logits
+        self.model = model
+        self._source_model = source_model
+        self._cache: dict[str, Any] = {}
+        self.extras = extras
+
+    @property
+    def num_classes(self) -> int:
+        return self.logits.shape[1]
+
+    @property
+    def batch_size(self) -> int:
+        return self.logits.shape[0]
+
+    def cached(self, key: str, compute: Callable[[], Any]) -> Any:
+        """The value of ``compute()`` under ``key``, computed on the first request only."""
+        if key not in self._cache:
+            self._cache[key] = compute()
+        return self._cache[key]
+
+    @cached_property
+    def entropy(self) -> torch.Tensor:
+        """Per-sample Shannon entropy of the adapted logits (differentiable)."""
+        return shannon_entropy(self.logits)
+
+    @cached_property
+    def probs(self) -> torch.Tensor:
+        """Detached softmax probabilities of the adapted logits."""
+        return self.logits.detach().float().softmax(dim=1)
+
+    def source_logits(self) -> torch.Tensor:
+        """Logits of the frozen source model on the whole batch (no grad), computed once."""
+        if self._source_model is None:
+            raise RuntimeError("this method has no frozen source model for the policy that asked for it")
+
+        def compute() -> torch.Tensor:
+            with torch.no_grad():
+                return self._source_model()(self.x)
+
+        return self.cached("source_logits", compute)
+
+
+class Policy(nn.Module):
+    """Base class: ``weight = policy(ctx, alive)``; state lives in buffers so it saves and moves.
+
+    Subclasses implement :meth:`forward`. ``reset()`` is called when the method resets; only
+    state that the paper's code resets should be cleared there.
+    """
+
+    name: str = "policy"
+    #: the signals a policy needs from the method ("source" = a frozen source model)
+    needs: tuple[str, ...] = ()
+
+    def forward(self, ctx: BatchContext, alive: torch.Tensor) -> torch.Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+    def reset(self) -> None:
+        """Clear per-stream state that the original code clears on reset (default: nothing)."""
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v}" for k, v in self.hparams().items())
+
+    def hparams(self) -> dict[str, Any]:
+        return {}
