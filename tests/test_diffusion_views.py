@@ -66,6 +66,16 @@ def test_shape_range_and_cache_hit(variation_pipeline, tmp_path):
     assert second.missing("cls/a.jpg") == [] and second.missing("cls/new.jpg") == [0, 1, 2]
 
 
+def test_bad_input_is_rejected(variation_pipeline):
+    views = make_views(variation_pipeline, None)
+    with pytest.raises(ValueError, match="unique"):
+        views(images(2), ["a", "a"])
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        views(images(1) * 2 - 1, ["a"])  # CLIP-normalised or [-1, 1] input by mistake
+    with pytest.raises(ValueError, match="finite"):
+        views(torch.full((1, 3, 8, 8), float("nan")), ["a"])
+
+
 def test_seeded_per_image_and_variation(variation_pipeline):
     x = images(3)
     batched = make_views(variation_pipeline, None)(x, ["a", "b", "c"])
@@ -168,8 +178,10 @@ def test_script_subset_and_shards():
     script = _load_script()
     ids = [f"c{c}/{i}.png" for c in range(4) for i in range(6)]
     per_class = script.select(ids, None, 2, seed=0)
-    assert len(per_class) == 8 and all(sum(i.startswith(f"c{c}/") for i in per_class) == 2 for c in range(4))
-    assert script.select(ids, 5, None, seed=3) == script.select(ids, 5, None, seed=3) != script.select(ids, 5, None, seed=4)
+    assert len(per_class) == 8
+    assert all(sum(i.startswith(f"c{c}/") for i in per_class) == 2 for c in range(4))
+    subset = script.select(ids, 5, None, seed=3)
+    assert len(subset) == 5 and subset == script.select(ids, 5, None, seed=3) != script.select(ids, 5, None, seed=4)
     shards = [per_class[s::3] for s in range(3)]
     assert sorted(sum(shards, [])) == per_class
 
@@ -184,17 +196,21 @@ def test_script_resumes_after_a_stop(variation_pipeline, tmp_path):
             "--steps", "2", "--cache-dir", str(tmp_path / "cache"), "--device", "cpu"]
 
     # First run, in its own process, stops after one image (as if killed there).
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    pythonpath = os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": pythonpath}
     run = subprocess.run([sys.executable, str(SCRIPT), *args, "--limit", "1"], env=env, cwd=tmp_path,
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     first = json.loads(run.stdout.strip().splitlines()[-1])
     assert (first["processed"], first["unfinished"], first["generated_views"]) == (1, 3, NUM_VIEWS)
 
-    # A view of a finished image is lost: the rerun regenerates it and the three other images.
+    # A view of the finished image is lost, and a killed write left a partial temporary file:
+    # the rerun regenerates that view and the three other images, and ignores the stray file.
     script = _load_script()
     views = make_views(variation_pipeline, tmp_path / "cache")
-    views.cache.path("cat/1.png", 1).unlink()
+    lost = views.cache.path("cat/1.png", 1)
+    lost.unlink()
+    lost.with_name(f".{lost.name}.999.deadbeef.tmp").write_bytes(b"\x89PNG partial")
     second = script.main(args)
     assert (second["complete"], second["processed"], second["unfinished"]) == (0, 4, 0)
     assert second["generated_views"] == 3 * NUM_VIEWS + 1 and second["cached_views"] == NUM_VIEWS - 1

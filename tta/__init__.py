@@ -1,6 +1,51 @@
 """tta: test-time adaptation for vision models.
 
 Online, batch-by-batch adaptation of any timm / torchvision classifier or open_clip model, with
-interchangeable sample-selection policies (EATA, DeYO, ADTE, wisdom of crowds, DiffTPT).
+interchangeable sample-selection policies (EATA, DeYO, ADTE, wisdom of crowds, DiffTPT)::
+
+    import tta
+    adapted = tta.adapt(model, method="eata", fisher_data=clean_batches)
+    logits = adapted(images)          # images in [0, 1]; predicts, then adapts online
+    adapted.reset()                   # back to the source state
 """
+from __future__ import annotations
+
+import copy
+from typing import Any, Sequence
+
+from torch import nn
+
+from . import methods, policies
+from .methods.base import Method
+from .models.classifier import Classifier, load_classifier
+
 __version__ = "0.1.0"
+
+
+def adapt(model: nn.Module | str, method: str = "tent", *, extra_policies: Sequence[str] = (), inplace: bool = False,
+          mean: Sequence[float] | None = None, std: Sequence[float] | None = None, **overrides: Any) -> Method:
+    """Wrap ``model`` so that it adapts online while it predicts.
+
+    Args:
+        model: an ``nn.Module`` classifier (expects normalised input), a :class:`Classifier`, or a
+            model spec string (``timm:...``, ``torchvision:...``, ``clip:...``).
+        method: a registered method name (``tta.methods.available()``).
+        extra_policies: sample-selection policies added to the method's own.
+        inplace: adapt ``model`` itself; by default a deep copy adapts and ``model`` stays untouched.
+        mean, std: the normalisation ``model`` expects (default ImageNet); the returned module takes
+            images in [0, 1].
+        overrides: hyperparameters of the method (``lr=``, ``steps=``, ...).
+
+    Returns:
+        A :class:`~tta.methods.base.Method` (an ``nn.Module``): ``logits = adapted(x)``, ``reset()``,
+        ``state_dict()`` / ``load_state_dict()``. Batches with NaN/Inf raise ``ValueError`` and never
+        reach the weights; a non-finite loss or an empty selection skips the update.
+    """
+    if isinstance(model, nn.Module) and not inplace:
+        model = copy.deepcopy(model)
+    if isinstance(model, nn.Module) and not isinstance(model, Classifier):
+        model = load_classifier(model, mean=mean, std=std)
+    return methods.build(method, model, extra_policies=list(extra_policies), **overrides)
+
+
+__all__ = ["Classifier", "Method", "adapt", "load_classifier", "methods", "policies", "__version__"]

@@ -244,7 +244,15 @@ def load_classifier(
         path = Path(weights).expanduser()
         if not path.is_file():
             raise FileNotFoundError(f"weights file not found: {path}")
-        missing, unexpected = net.load_state_dict(_read_state_dict(path), strict=False)
+        state = _read_state_dict(path)
+        head_name, head = find_head(net)
+        head_weight = state.get(f"{head_name}.weight")
+        if head_weight is not None and head_weight.ndim == 2 and head_weight.shape[0] != head.out_features:
+            resize_head(net, head_weight.shape[0])  # the checkpoint defines its own number of classes
+        try:
+            missing, unexpected = net.load_state_dict(state, strict=False)
+        except RuntimeError as err:
+            raise ValueError(f"weights {path} do not fit {info.spec}: {err}") from err
         if missing or unexpected:
             raise ValueError(f"weights {path} do not fit {info.spec}: missing {missing[:5]}, unexpected {unexpected[:5]}")
         info.weights = str(path)

@@ -26,8 +26,21 @@ def weighted_mean(values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     Divides by the number of kept samples (not by the sum of weights), as the official code does.
     An empty selection gives 0 instead of NaN, so logs stay clean; the caller skips the step.
     """
-    kept = (weights > 0).sum().clamp(min=1)
-    return (weights * values).sum() / kept
+    keep = weights > 0
+    kept = keep.sum().clamp(min=1)
+    # ``where`` rather than a product: an excluded sample with a NaN/Inf value (e.g. one bad image
+    # through a LayerNorm model) does not turn the loss of the kept ones into NaN.
+    return torch.where(keep, weights * values, values.new_zeros(())).sum() / kept
+
+
+def diversity(logits: torch.Tensor, alpha: float) -> torch.Tensor:
+    """The diversity term ``-alpha * H(mean_i softmax(z_i))`` over the whole batch (SWR / OSTTA).
+
+    Minimising it spreads the batch's mean prediction over the classes (anti-collapse). As in
+    UniEnt's re-implementation of wisdom-of-crowds (``softmax_mean_entropy``), the mean is over
+    every sample of the batch, selected or not. Computed in log space (finite for a zero mean).
+    """
+    return -alpha * marginal_entropy(logits)
 
 
 def margin_from_fraction(fraction: float, num_classes: int) -> float:
