@@ -5,6 +5,13 @@ resuming and sharding. Images are read from an ImageFolder layout ``<root>/<clas
 image's id is its path relative to ``root``. Views go to the :class:`tta.augment.diffusion.DiffusionViews`
 cache, where a DiffTPT run with the same parameters finds them.
 
+Stream preprocessing: by default the pipeline is conditioned on the full image file, as the
+official generator does; a DiffTPT run finds these views when its stream passes the files on
+unchanged (``data.resize=null data.crop=null batch_size=1``, the exact protocol). For a run on a
+resized/cropped stream (the default ``data.resize=224 data.crop=224``), pass the same ``--resize``
+/ ``--crop`` (and ``--interpolation``): the views are then conditioned on the stream's pixels and
+named ``<class>/<file>@resize224-crop224-bicubic``, as :mod:`tta.augment.mixed_views` names them.
+
 Resuming: images whose views are all cached and valid are skipped without being read. Killing
 the script and running it again finishes the rest. Half-done images keep their finished
 variations, and corrupt files are regenerated. ``--limit N`` stops after N images that needed
@@ -77,6 +84,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default=None)
     p.add_argument("--batch-size", type=int, default=8, help="images per pipeline call")
     p.add_argument("--limit", type=int, default=None, help="stop after generating for N images")
+    p.add_argument("--resize", type=int, default=None, help="condition on the stream's Resize(N) (data.resize)")
+    p.add_argument("--crop", type=int, default=None, help="... and CenterCrop(N) (data.crop)")
+    p.add_argument("--interpolation", default="bicubic", choices=("bicubic", "bilinear"),
+                   help="resize interpolation of the stream (data.interpolation)")
     args = p.parse_args(argv)
     if not 0 <= args.shard < args.num_shards:
         p.error("need 0 <= --shard < --num-shards")
@@ -93,15 +104,30 @@ def main(argv: Sequence[str] | None = None) -> dict[str, object]:
         steps=args.steps, guidance_scale=args.guidance, strength=args.strength, seed=args.seed,
         resolution=args.resolution, cache_dir=args.cache_dir, device=args.device,
         batch_size=args.batch_size)
+    preprocess, tag = None, ""
+    if args.resize is not None or args.crop is not None:
+        from tta.augment.mixed_views import preprocess_tag
+        from tta.data.folders import FolderPreprocess
+
+        preprocess = FolderPreprocess(resize=args.resize, crop=args.crop, interpolation=args.interpolation)
+        tag = preprocess_tag(preprocess)
     summary = {"images": len(ids), "complete": 0, "processed": 0}
     for image_id in (bar := tqdm(ids, unit="img", desc=f"shard {args.shard}/{args.num_shards}")):
-        if not views.missing(image_id):
+        name = image_id + tag
+        if not views.missing(name):
             summary["complete"] += 1
             continue
         if args.limit is not None and summary["processed"] >= args.limit:
             break
+        if preprocess is not None:  # the stream's CPU decoding path, pixel for pixel
+            from tta.data.decode import decode_file_cpu
+
+            views((decode_file_cpu(args.root / image_id, preprocess).float() / 255)[None], [name])
+            summary["processed"] += 1
+            bar.set_postfix(generated=views.stats["generated"])
+            continue
         with Image.open(args.root / image_id) as img:
-            views(to_tensor(img.convert("RGB"))[None], [image_id])
+            views(to_tensor(img.convert("RGB"))[None], [name])
         summary["processed"] += 1
         bar.set_postfix(generated=views.stats["generated"])
     summary.update(unfinished=len(ids) - summary["complete"] - summary["processed"],

@@ -26,7 +26,8 @@ from .data import configs as data_configs
 log = logging.getLogger("tta.run")
 
 # Keyword arguments a method takes from the CLI's other keys, not from ``method.*``.
-_NOT_FROM_METHOD_GROUP = {"model", "num_classes", "batch_size", "extra_policies", "policy_kwargs"}
+_NOT_FROM_METHOD_GROUP = {"model", "num_classes", "batch_size", "extra_policies", "policy_kwargs", "fisher_data",
+                          "diffusion_views", "image_names"}  # DiffTPT: built from augment.diffusion
 
 
 def method_defaults(name: str) -> dict[str, Any]:
@@ -43,6 +44,30 @@ def method_defaults(name: str) -> dict[str, Any]:
     return defaults
 
 
+def takes_keyword(name: str, keyword: str) -> bool:
+    """Whether the registered method ``name`` (or a base class of it) takes keyword ``keyword``."""
+    cls = methods.METHODS.get(name)
+    return any("__init__" in vars(k) and keyword in inspect.signature(k.__init__).parameters for k in cls.__mro__)
+
+
+def fisher_data(data: dict[str, Any], seed: int) -> torch.Tensor | None:
+    """Clean images for EATA's Fisher: the data config's ``fisher_split`` (digits-C: the clean
+    training split), shuffled with the run's seed as EATA's ``main.py`` shuffles before taking its
+    ``fisher_size`` images. ``None`` when the data config names no split."""
+    split = data.get("fisher_split")
+    if not split:
+        return None
+    kind = data.get("kind", data["name"])
+    if kind != "digits_c":
+        raise ValueError(f"fisher_split is only implemented for digits_c data, not {kind!r}: "
+                         f"pass method.fisher_path=<file saved by EATA.save_fisher()>")
+    from .data.digits import load_digits_split
+
+    images, _ = load_digits_split(split)
+    order = torch.randperm(images.shape[0], generator=torch.Generator().manual_seed(seed))
+    return images[order]
+
+
 def register_configs() -> None:
     """Expose every registered method and every data config as Hydra config-group options."""
     from hydra.core.config_store import ConfigStore
@@ -53,6 +78,8 @@ def register_configs() -> None:
     for name in data_configs.available():
         node = data_configs.load_data_config(name)
         node.setdefault("root", None)
+        for key in ("subset", "subset_seed", "subset_file"):  # seeded subsets (tta/data/subset.py)
+            node.setdefault(key, None)
         store.store(group="data", name=name, node=node)
 
 
@@ -73,7 +100,7 @@ def seed_everything(seed: int) -> None:
 def execute(cfg: dict[str, Any], out_dir: Path) -> dict[str, Any]:
     """Run one configuration (a plain dict) and write its outputs; returns the run record."""
     from . import engine
-    from .data.benchmarks import build_stream
+    from .data.benchmarks import build_stream, num_classes_of
     from .models.classifier import load_classifier
     from .record import build_record, write_json
     from .report import bar_chart, domain_table
@@ -86,23 +113,45 @@ def execute(cfg: dict[str, Any], out_dir: Path) -> dict[str, Any]:
     spec = cfg.get("model") or data.get("model")
     if not spec:
         raise ValueError(f"data config {data['name']!r} names no default model: pass model=<spec>")
-    num_classes = data.get("num_classes")
-    classifier = load_classifier(spec, num_classes=num_classes, weights=cfg.get("model_weights"),
-                                 pretrained=cfg.get("model_pretrained", "auto"),
-                                 normalization=cfg.get("normalization", "weights"))
+    num_classes = num_classes_of(data)
+    if isinstance(spec, str) and spec.startswith("clip:"):  # CLIP: the text head needs the class names
+        from .data.folders import clip_class_names
+        from .models.clip import load_clip_classifier
+
+        classifier = load_clip_classifier(spec[5:], num_classes=num_classes, weights=cfg.get("model_weights"),
+                                          class_names=clip_class_names(data), templates=data.get("templates") or "single",
+                                          pretrained=cfg.get("model_pretrained", "auto"))
+    else:
+        classifier = load_classifier(spec, num_classes=num_classes, weights=cfg.get("model_weights"),
+                                     pretrained=cfg.get("model_pretrained", "auto"),
+                                     normalization=cfg.get("normalization", "weights"))
     source = copy.deepcopy(classifier) if cfg.get("source_accuracy", True) else None
-    stream, engine_options = build_stream(data, setting=cfg["setting"]["name"], severity=cfg.get("severity"),
+    stream, engine_options = build_stream(data, setting=dict(cfg["setting"]), severity=cfg.get("severity"),
                                           seed=cfg["seed"], batch_size=cfg.get("batch_size"), device=device,
-                                          shuffle=cfg.get("shuffle", True))
+                                          shuffle=cfg.get("shuffle", True), max_samples=cfg.get("max_samples"),
+                                          on_bad_image=cfg.get("on_bad_image"))
+    if takes_keyword(method_name, "fisher_data") and not method_cfg.get("fisher_path"):
+        method_cfg["fisher_data"] = fisher_data(data, cfg["seed"])
     method = methods.build(method_name, classifier, num_classes=num_classes, batch_size=stream.batch_size,
                            extra_policies=list(cfg["policies"]["extra"] or []),
                            policy_kwargs=dict(cfg["policies"].get("kwargs") or {}), **method_cfg)
+    if getattr(method, "wants_prepass_data", False):  # ADTE's transductive pre-pass: the same data, unshuffled
+        method.set_prepass_data(lambda: build_stream(
+            data, setting=dict(cfg["setting"]), severity=cfg.get("severity"), seed=cfg["seed"],
+            batch_size=cfg.get("batch_size"), device=device, shuffle=False, max_samples=cfg.get("max_samples"),
+            on_bad_image=cfg.get("on_bad_image"))[0])
+    from .augment.mixed_views import attach_diffusion_views
+
+    diffusion_record = attach_diffusion_views(method, (cfg.get("augment") or {}).get("diffusion"), stream,
+                                              device=device, progress=cfg.get("progress", True))
     outcome = engine.run(method, stream, source_model=source, device=device, amp=cfg.get("amp", False),
                          channels_last=cfg.get("channels_last", False), compile=cfg.get("compile", False),
                          progress=cfg.get("progress", True), **engine_options)
     record = build_record(config=cfg, model_info=classifier.info.to_dict(), method_hparams=method.hparams(),
                           stream_info=stream.describe(), outcome=outcome, device=device)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if diffusion_record is not None:  # diffusion views: parameters, cache hits, generated
+        record["augment"] = {"diffusion": diffusion_record()}
     write_json(out_dir / "run.json", record)
     title = f"{method_name} on {data['name']} ({classifier.info.spec})"
     table = domain_table(outcome["results"])

@@ -29,8 +29,8 @@ Deviations from the reference, all of them deliberate:
   ``frost2.png`` and is stored once); as in the reference, the sixth texture is never drawn.
 * Elastic transform follows ``imagecorruptions`` 1.1.2, which (unlike the original ImageNet-C
   code) has no random affine step: a Gaussian-smoothed random displacement field only.
-* JPEG: encoded with libjpeg through ``torchvision.io`` on the CPU (4:2:0 chroma, as PIL does)
-  and decoded there or, for CUDA inputs, with nvJPEG on the GPU.
+* JPEG: libjpeg through ``torchvision.io`` (the same codec PIL uses, so the same images), on the
+  CPU also for CUDA inputs (see ``_jpeg_compression``).
 * Pixelate: the same PIL box/nearest geometry, without PIL's intermediate uint8 rounding.
 """
 from __future__ import annotations
@@ -438,10 +438,11 @@ def _frost_images() -> tuple[Tensor, ...]:
         )
 
 
-@functools.lru_cache(maxsize=16)
-def _frost_textures(h: int, w: int, device: torch.device, dtype: torch.dtype):
+@functools.lru_cache(maxsize=8)
+def _frost_textures_cpu(h: int, w: int) -> tuple[Tensor, Tensor]:
     """The frost textures rescaled as the reference does for an ``h x w`` image (to cover it,
-    times 1.1, bicubic, uint8), padded into one ``(5, 3, Hmax, Wmax)`` stack, plus their sizes."""
+    times 1.1, bicubic, uint8), zero-padded into one float64 ``(5, 3, Hmax, Wmax)`` stack in
+    [0, 1], plus their sizes ``(5, 2)``."""
     textures = []
     for image in _frost_images():
         fh, fw = image.shape[-2:]
@@ -457,12 +458,18 @@ def _frost_textures(h: int, w: int, device: torch.device, dtype: torch.dtype):
         resized = F.interpolate(image[None].to(torch.float64), size=size, mode="bicubic",
                                 align_corners=False)
         textures.append(resized[0].round().clamp(0, 255) / 255)
-    sizes = torch.tensor([t.shape[-2:] for t in textures], device=device)
+    sizes = torch.tensor([t.shape[-2:] for t in textures])
     stack = torch.zeros(len(textures), 3, int(sizes[:, 0].max()), int(sizes[:, 1].max()),
-                        dtype=dtype)
+                        dtype=torch.float64)
     for i, texture in enumerate(textures):
         stack[i, :, : texture.shape[1], : texture.shape[2]] = texture
-    return stack.to(device), sizes
+    return stack, sizes
+
+
+@functools.lru_cache(maxsize=8)
+def _frost_textures(h: int, w: int, device: torch.device, dtype: torch.dtype):
+    stack, sizes = _frost_textures_cpu(h, w)
+    return stack.to(device=device, dtype=dtype), sizes.to(device)
 
 
 def _frost(x: Tensor, c: tuple, rng: _SampleRng) -> Tensor:
@@ -674,21 +681,15 @@ def _pixelate(x: Tensor, c: float, rng: _SampleRng) -> Tensor:
 
 
 def _jpeg_compression(x: Tensor, quality: int, rng: _SampleRng) -> Tensor:
+    """libjpeg on the CPU for every input device: torchvision's nvJPEG encoder uses 4:4:4 chroma
+    sampling where libjpeg and PIL (the reference) use 4:2:0, a visibly stronger corruption, and
+    nvJPEG's decoder differs from libjpeg's by up to 39/255. The encoder, not the transfer, is
+    the bottleneck either way."""
     from torchvision.io import decode_jpeg, encode_jpeg
 
-    # Encoding stays on the CPU: torchvision's nvJPEG encoder uses 4:4:4 chroma sampling, whereas
-    # libjpeg (and PIL, the reference) use 4:2:0, which is a visibly stronger corruption.
     pixels = torch.round(x * 255).clamp(0, 255).to(device="cpu", dtype=torch.uint8)
     with _torchvision_codecs():
-        encoded = encode_jpeg(list(pixels.unbind(0)), quality=quality)
-        decoded = None
-        if x.is_cuda:
-            try:
-                decoded = decode_jpeg(encoded, device=x.device)
-            except RuntimeError:  # torchvision without nvJPEG: decode with libjpeg instead
-                decoded = None
-        if decoded is None:
-            decoded = decode_jpeg(encoded)
+        decoded = decode_jpeg(encode_jpeg(list(pixels.unbind(0)), quality=quality))
     return torch.stack(decoded).to(device=x.device, dtype=x.dtype) / 255
 
 
@@ -787,6 +788,8 @@ def corrupt(images: Tensor, name: str, severity: int, seed: int = 0,
             floating point, values outside [0, 1] (tolerance 1e-3) or NaN, or bad ``ids``.
     """
     ids = _check_inputs(images, name, severity, ids)
+    if images.shape[0] == 0:
+        return images.clone()
     function, parameters = _REGISTRY[name]
     work_dtype = torch.float64 if images.dtype == torch.float64 else torch.float32
     x = images.to(work_dtype).clamp(0, 1)

@@ -25,5 +25,8 @@ def build(name: str, model: nn.Module | str, **overrides: Any) -> Method:
 
 # Importing the recipes registers them.
 from . import baselines  # noqa: E402,F401
+from . import crowds, deyo, eata, eata_c, sar  # noqa: E402,F401
+from . import adte, tpt  # noqa: E402,F401  (CLIP: test-time prompt tuning, ADTE)
+from . import difftpt  # noqa: E402,F401  (DiffTPT: TPT with diffusion views)
 
 __all__ = ["METHODS", "Method", "available", "build", "check_batch", "niu_learning_rate", "register"]

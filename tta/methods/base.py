@@ -166,7 +166,7 @@ class Method(nn.Module):
         self.update = GuardedStep(self.optimizer) if self.optimizer else None
         names = ["batches", "samples", "forwards", "backwards", "steps", "kept", "skipped_empty", "skipped_nonfinite"]
         self.counters = Counters(names)
-        self.policy_counters = Counters([])
+        self.policy_counters = Counters([f"{p.name}_{what}" for p in self.policies for what in ("seen", "kept")])
         self._initial_state = self._capture_state()
 
     # ------------------------------------------------------------------ recipe hooks
@@ -229,16 +229,25 @@ class Method(nn.Module):
         self.step(loss, weights)
         return logits.detach()
 
-    def step(self, loss: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """Guarded optimizer step, skipped on the device for an empty selection or a non-finite loss."""
+    def step(self, loss: torch.Tensor | None, weights: torch.Tensor, require_nonempty: bool = True) -> torch.Tensor:
+        """Guarded optimizer step, skipped on the device for an empty selection or a non-finite loss.
+
+        ``require_nonempty=False`` steps on an empty selection too (for methods whose official code
+        does: SAR's second step, wisdom-of-crowds' diversity term); such steps are counted in
+        ``empty_selection_steps``. ``loss=None``: the gradients are already there.
+        """
         kept = (weights > 0).sum()
         nonempty = kept > 0
-        ok = self.update(loss, nonempty)
+        ok = self.update(loss, nonempty if require_nonempty else torch.ones_like(nonempty))
         self.counters.add("backwards", 1)
         self.counters.add("steps", ok)
         self.counters.add("kept", kept * ok)
-        self.counters.add("skipped_empty", ~nonempty)
-        self.counters.add("skipped_nonfinite", nonempty & ~ok)
+        if require_nonempty:
+            self.counters.add("skipped_empty", ~nonempty)
+            self.counters.add("skipped_nonfinite", nonempty & ~ok)
+        else:
+            self.counters.add("empty_selection_steps", ~nonempty & ok)
+            self.counters.add("skipped_nonfinite", ~ok)
         return ok
 
     # ------------------------------------------------------------------ state

@@ -17,4 +17,10 @@ def build(name: str, **kwargs) -> Policy:
     return POLICIES.get(name)(**kwargs)
 
 
+# Importing the policy modules registers them.
+from . import crowds, deyo, eata, entropy  # noqa: E402,F401
+from . import cosine_filter  # noqa: E402,F401
+from . import tsallis  # noqa: E402,F401  (view ranking: tpt_confidence, tsallis)
+
+
 __all__ = ["BatchContext", "Policy", "POLICIES", "available", "build", "register"]

@@ -55,7 +55,7 @@ class EATAWeight(Policy):
 
     def forward(self, ctx: BatchContext, alive: torch.Tensor) -> torch.Tensor:
         e0 = _margin(self.e0_fraction, self.e0, ctx.num_classes)
-        weight = torch.exp(e0 - ctx.entropy.detach().float())
+        weight = 1.0 / torch.exp(ctx.entropy.detach().float() - e0)  # the official expression
         return torch.where(alive, weight, torch.zeros_like(weight))
 
     def hparams(self) -> dict[str, Any]:

@@ -1,0 +1,292 @@
+"""Selection policies against independent re-derivations on fixed logits (METHODS.md §3, §5, §6, §10)."""
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import tta.policies as policies
+from tta.policies.base import BatchContext
+from tta.policies.deyo import PLPD, occlude, occlusion_window, patch_shuffle, pixel_shuffle
+
+C = 10
+
+
+def entropy_of(logits: torch.Tensor) -> torch.Tensor:
+    p = logits.softmax(1)
+    return -(p * logits.log_softmax(1)).sum(1)
+
+
+def fixed_logits(n: int = 12, c: int = C, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    scale = torch.linspace(0.5, 12.0, n).unsqueeze(1)  # from near-uniform to confident
+    return torch.randn(n, c, generator=g) * scale
+
+
+def ctx_for(logits: torch.Tensor, x: torch.Tensor | None = None, model=None, source=None) -> BatchContext:
+    x = x if x is not None else torch.zeros(logits.shape[0], 3, 8, 8)
+    return BatchContext(x, logits, model or (lambda images: torch.zeros(images.shape[0], logits.shape[1])),
+                        (lambda: source) if source is not None else None)
+
+
+class Fixed(nn.Module):
+    """Returns fixed logits whatever the input (a stand-in for a model)."""
+
+    def __init__(self, logits: torch.Tensor):
+        super().__init__()
+        self.logits = logits
+
+    def forward(self, x):
+        return self.logits[: x.shape[0]]
+
+
+def test_registry_lists_the_policies():
+    assert {"entropy_margin", "redundancy", "eata_weight", "plpd", "crowds"} <= set(policies.available())
+    for name in ("entropy_margin", "redundancy", "eata_weight", "plpd", "crowds"):
+        policy = policies.build(name, num_classes=C)
+        assert isinstance(policy, nn.Module) and policy.name == name
+        assert isinstance(policy.hparams(), dict)
+
+
+# ---------------------------------------------------------------- entropy margin and EATA weight
+@pytest.mark.parametrize("num_classes", [10, 1000])
+def test_entropy_margin_is_strict_and_scales_with_ln_c(num_classes):
+    logits = fixed_logits(16, num_classes)
+    ent = entropy_of(logits)
+    alive = torch.ones(16, dtype=torch.bool)
+    alive[3] = False
+    weight = policies.build("entropy_margin")(ctx_for(logits), alive)
+    expected = ((ent < 0.4 * math.log(num_classes)) & alive).float()
+    assert torch.equal(weight, expected)
+    assert 0 < expected.sum() < 15  # the fixture has samples on both sides
+    # strict inequality: a sample whose entropy equals the margin exactly is excluded
+    boundary = policies.build("entropy_margin", margin=float(ent[5]))(ctx_for(logits), torch.ones(16, dtype=torch.bool))
+    assert weight.dtype == torch.float32 and boundary[5] == 0
+    assert torch.equal(boundary, (ent < ent[5]).float())
+
+
+def test_eata_weight_is_exp_e0_minus_entropy_on_alive_samples():
+    logits = fixed_logits()
+    alive = torch.tensor([True, False] * 6)
+    weight = policies.build("eata_weight")(ctx_for(logits.requires_grad_()), alive)
+    e0 = 0.4 * math.log(C)
+    expected = torch.where(alive, torch.exp(e0 - entropy_of(logits.detach())), torch.zeros(12))
+    torch.testing.assert_close(weight, expected)
+    assert not weight.requires_grad
+
+
+# ---------------------------------------------------------------- redundancy (EATA)
+def test_redundancy_first_batch_keeps_all_alive_and_sets_m_to_their_mean():
+    policy = policies.build("redundancy", num_classes=C)
+    logits = fixed_logits()
+    alive = torch.tensor([True, True, False, True] * 3)
+    assert not bool(policy.m_exists)
+    keep = policy(ctx_for(logits), alive)
+    assert torch.equal(keep, alive.float())
+    probs = logits.softmax(1)
+    torch.testing.assert_close(policy.m, probs[alive].mean(0))
+    assert bool(policy.m_exists)
+
+
+def test_redundancy_cosine_filter_and_moving_average():
+    policy = policies.build("redundancy", num_classes=C)
+    first, second = fixed_logits(seed=1), fixed_logits(seed=2)
+    alive = torch.ones(12, dtype=torch.bool)
+    policy(ctx_for(first), alive)
+    m = first.softmax(1).mean(0)
+    # pick a d_margin between the cosines so that the filter keeps some and drops some
+    probs = second.softmax(1)
+    cos = F.cosine_similarity(m.unsqueeze(0), probs, dim=1).abs()
+    policy.d_margin = float(cos.median())
+    alive2 = torch.ones(12, dtype=torch.bool)
+    alive2[0] = False
+    keep = policy(ctx_for(second), alive2)
+    expected = alive2 & (cos < float(cos.median()))  # strict: the median sample itself is dropped
+    assert torch.equal(keep, expected.float()) and 0 < expected.sum() < 11
+    torch.testing.assert_close(policy.m, 0.9 * m + (1 - 0.9) * probs[expected].mean(0))
+
+
+def test_redundancy_default_margin_and_empty_sets():
+    policy = policies.build("redundancy", num_classes=C)
+    logits = fixed_logits()
+    none = torch.zeros(12, dtype=torch.bool)
+    # empty kept set while m is missing: m stays missing
+    assert policy(ctx_for(logits), none).sum() == 0
+    assert not bool(policy.m_exists) and torch.count_nonzero(policy.m) == 0
+    policy(ctx_for(logits), torch.ones(12, dtype=torch.bool))
+    m = policy.m.clone()
+    # empty kept set once m exists: m unchanged
+    policy(ctx_for(fixed_logits(seed=3)), none)
+    assert torch.equal(policy.m, m)
+    # the same predictions again: |cos| ~ 1 >= 0.05, everything is redundant, m unchanged
+    same = m.log().unsqueeze(0).repeat(12, 1)
+    assert policy(ctx_for(same), torch.ones(12, dtype=torch.bool)).sum() == 0
+    assert torch.equal(policy.m, m)
+
+
+def test_redundancy_state_survives_reset_and_travels_in_state_dict():
+    policy = policies.build("redundancy", num_classes=C)
+    policy(ctx_for(fixed_logits()), torch.ones(12, dtype=torch.bool))
+    m = policy.m.clone()
+    policy.reset()  # as the official code: reset() does not clear m
+    assert bool(policy.m_exists) and torch.equal(policy.m, m)
+    other = policies.build("redundancy", num_classes=C)
+    other.load_state_dict(policy.state_dict())
+    assert bool(other.m_exists) and torch.equal(other.m, m)
+    policy.clear()
+    assert not bool(policy.m_exists)
+
+
+# ---------------------------------------------------------------- crowds
+def test_crowds_keeps_when_adapted_is_at_least_as_confident_in_source_class():
+    source = fixed_logits(seed=4)
+    adapted = source.clone()
+    adapted[0] += torch.nn.functional.one_hot(source[0].argmax(), C) * 1.0  # more confident: kept
+    adapted[1] -= torch.nn.functional.one_hot(source[1].argmax(), C) * 1.0  # less confident: dropped
+    adapted[2] = source[2] + 3.0  # a constant shift: identical softmax, a tie in value
+    ctx = ctx_for(adapted, source=Fixed(source))
+    alive = torch.ones(12, dtype=torch.bool)
+    alive[5] = False
+    keep = policies.build("crowds")(ctx, alive)
+    p_o, p_a = source.softmax(1), adapted.softmax(1)
+    c_o = p_o.argmax(1)
+    expected = alive & (p_a[torch.arange(12), c_o] >= p_o[torch.arange(12), c_o])
+    assert torch.equal(keep, expected.float())
+    assert keep[0] == 1 and keep[1] == 0 and keep[3] == 1 and keep[5] == 0  # identical rows: ties kept
+    # a margin moves the boundary: p_a[c_o] >= p_o[c_o] + margin
+    strict = policies.build("crowds", margin=0.05)(ctx_for(adapted, source=Fixed(source)), alive)
+    assert torch.equal(strict, (alive & (p_a[torch.arange(12), c_o] >= p_o[torch.arange(12), c_o] + 0.05)).float())
+    assert policies.build("crowds").needs == ("source",)
+
+
+def test_crowds_without_source_model_is_a_clear_error():
+    with pytest.raises(RuntimeError, match="source model"):
+        policies.build("crowds")(ctx_for(fixed_logits()), torch.ones(12, dtype=torch.bool))
+
+
+# ---------------------------------------------------------------- DeYO's transforms
+def test_patch_shuffle_permutes_tiles_per_image_and_is_seeded():
+    x = torch.rand(5, 3, 32, 32)
+    out = patch_shuffle(x, 4, torch.Generator().manual_seed(7))
+    again = patch_shuffle(x, 4, torch.Generator().manual_seed(7))
+    assert torch.equal(out, again)
+    perm = torch.rand((5, 16), generator=torch.Generator().manual_seed(7)).argsort(dim=1)
+
+    def tile(img, k):
+        r, c = divmod(int(k), 4)
+        return img[:, r * 8:(r + 1) * 8, c * 8:(c + 1) * 8]
+
+    perms = []
+    for i in range(5):
+        for k in range(16):  # output tile k (row-major) is input tile perm[i, k]
+            assert torch.equal(tile(out[i], k), tile(x[i], perm[i, k]))
+        perms.append(tuple(perm[i].tolist()))
+    assert len(set(perms)) > 1  # one permutation per image
+    assert sorted(perm[0].tolist()) == list(range(16))
+    # not a multiple of the grid: resized down and back, shape preserved
+    odd = patch_shuffle(torch.rand(2, 3, 30, 30), 4, torch.Generator().manual_seed(0))
+    assert odd.shape == (2, 3, 30, 30)
+
+
+def test_pixel_shuffle_shares_one_permutation():
+    x = torch.rand(3, 3, 6, 6)
+    out = pixel_shuffle(x, torch.Generator().manual_seed(3))
+    perm = torch.rand(36, generator=torch.Generator().manual_seed(3)).argsort()
+    assert torch.equal(out, x.flatten(2)[:, :, perm].view_as(x))
+
+
+def test_occlusion_window_scales_with_the_image():
+    assert occlusion_window(224, 224) == (56, 168, 56, 168)
+    assert occlusion_window(32, 32) == (8, 24, 8, 24)
+    x = torch.rand(2, 3, 32, 32)
+    out = occlude(x)
+    mean = x.mean(dim=(2, 3))
+    assert torch.allclose(out[:, :, 8:24, 8:24], mean[:, :, None, None].expand(2, 3, 16, 16))
+    mask = torch.ones(32, 32, dtype=torch.bool)
+    mask[8:24, 8:24] = False
+    assert torch.equal(out[:, :, mask], x[:, :, mask])
+
+
+@pytest.mark.parametrize("kind", ["patch", "pixel", "occ"])
+def test_transforms_commute_with_per_channel_normalisation(kind):
+    x = torch.rand(4, 3, 32, 32)
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    policy = PLPD(aug_type=kind, seed=11)
+    a = (policy.destroy(x) - mean) / std
+    policy = PLPD(aug_type=kind, seed=11)
+    b = policy.destroy((x - mean) / std)
+    torch.testing.assert_close(a, b)
+
+
+# ---------------------------------------------------------------- PLPD
+class CountingBN(nn.Module):
+    """A tiny deterministic BatchNorm net (batch statistics) that counts its forwards."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(5)
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4, track_running_stats=False)
+        self.fc = nn.Linear(4 * 16, C)
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        h = F.adaptive_avg_pool2d(torch.relu(self.bn(self.conv(x))), 4)
+        return self.fc(h.flatten(1)) * 5
+
+
+def test_plpd_mask_and_weight_match_deyo():
+    model = CountingBN()
+    x = torch.rand(12, 3, 16, 16)
+    with torch.no_grad():
+        logits = model(x)
+    alive = torch.tensor([True] * 9 + [False] * 3)
+    # re-derivation, written the official way: index the alive subset, destroy, forward it alone
+    idx = torch.where(alive)[0]
+    destroyed = patch_shuffle(x[idx], 4, torch.Generator().manual_seed(21))
+    with torch.no_grad():
+        prime = model(destroyed)  # BatchNorm statistics of the alive subset only
+    p, pp = logits[idx].softmax(1), prime.softmax(1)
+    cls = p.argmax(1, keepdim=True)
+    plpd = (p.gather(1, cls) - pp.gather(1, cls)).squeeze(1)
+    threshold = float(plpd.median())
+    policy = PLPD(seed=21, threshold=threshold)
+    weight = policy(ctx_for(logits, x, model), alive)
+    keep = plpd > threshold  # strict: the median sample is dropped
+    ent = entropy_of(logits[idx])
+    w = torch.exp(0.4 * math.log(C) - ent) + torch.exp(plpd)
+    expected = torch.zeros(12)
+    expected[idx[keep]] = w[keep]
+    torch.testing.assert_close(weight, expected)
+    assert 0 < keep.sum() < 9
+    mask = PLPD(seed=21, threshold=threshold, reweight=False)(ctx_for(logits, x, model), alive)
+    assert torch.equal(mask, (expected > 0).float())
+
+
+def test_plpd_view_is_shared_through_the_context_and_skipped_when_nothing_is_alive():
+    model = CountingBN()
+    x = torch.rand(8, 3, 16, 16)
+    with torch.no_grad():
+        logits = model(x)
+    model.calls = 0
+    ctx = ctx_for(logits, x, model)
+    alive = torch.ones(8, dtype=torch.bool)
+    first = PLPD(seed=1, threshold=-1.0)(ctx, alive)
+    second = PLPD(seed=1, threshold=-1.0, reweight=False)(ctx, alive)
+    assert model.calls == 1 and torch.equal(second, (first > 0).float())
+    model.calls = 0
+    out = PLPD()(ctx_for(logits, x, model), torch.zeros(8, dtype=torch.bool))
+    assert model.calls == 0 and out.sum() == 0
+
+
+def test_policies_deepcopy_and_move():
+    policy = PLPD(seed=3)
+    copy.deepcopy(policy)
+    red = policies.build("redundancy", num_classes=C)
+    assert "m" in dict(red.named_buffers()) and "m_exists" in dict(red.named_buffers())

@@ -1,0 +1,133 @@
+"""DiffTPT: TPT with diffusion-generated views (Feng et al., ICCV 2023; chunmeifeng/DiffTPT @ 03f1169,
+METHODS.md section 8).
+
+Per test image, episodically (TPT's loop, :class:`~tta.methods.tpt.TPT`, reused as it is):
+
+1. reset the context vectors and the AdamW state (the loss scaler carries over, as in TPT);
+2. 128 views, in the official order: the original (Resize + CenterCrop), 64 random resized crops
+   with flips (``AugMixAugmenter(n_views=64)``; AugMix with ``augmix=True``), 63 Stable Diffusion
+   image variations (:class:`~tta.augment.diffusion.DiffusionViews`, generated offline or on first
+   use and cached; each Resize(S, bicubic) + CenterCrop(S));
+3. for ``steps`` = 4 iterations: logits of all 128 views with the current prompt; on the first step
+   only, the selection (then fixed):
+
+   - **cosine filter** (``cosine_filter``): cosine similarity between the logit vector of view 0
+     and each of the other 127; the ``int(127 * 0.8)`` = 101 most similar, then view 0 prepended:
+     102 candidates;
+   - **entropy filter** (``difftpt_confidence``): the ``int(102 * 0.3)`` = 30 candidates with the
+     lowest entropy;
+
+   loss = entropy of the mean probability of the 30 (TPT's ``avg_entropy``), a scaled backward and
+   an AdamW step (lr 5e-3, weight decay 0.01) on the context;
+4. predict on view 0 with the tuned prompt.
+
+Notes:
+
+* The image encoder is frozen (only the prompt context learns), so the 128 view features are
+  computed once per image and reused at the 4 steps and for the prediction. The official code
+  re-encodes the views at every step (4 x 128 + 1 passes) and gets the same features; with another
+  parameter preset (``params=ln``) the views are re-encoded at every step here too.
+* The selection is a mask over the views (no index lists); the kept set equals the official index
+  set (ties aside: the official ``argsort`` is not stable).
+* Diffusion views are cached on disk by image name (:mod:`tta.augment.mixed_views`): the file path
+  relative to the dataset root for an unmodified image file, as ``scripts/generate_diffusion_views.py``
+  names them. On the command line ``augment.diffusion.*`` configures the source (default: the
+  official ``lambdalabs/sd-image-variations-diffusers`` v2.0, 50 steps, guidance 3).
+* For the official protocol, run on the full-resolution images (``data.resize=null data.crop=null
+  batch_size=1``): the crops are then cut from the original file and the diffusion views conditioned
+  on it; with the default 224 stream both come from the stream's image (TPT's documented deviation).
+* DiffTPT's evaluation runs on 1,000-image subsets: ``data.subset=1000`` (seeded, recorded).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import torch
+
+from ..augment.diffusion import DiffusionViews
+from ..augment.mixed_views import DiffusionViewGenerator, StreamImageNames
+from ..augment.views import ViewGenerator
+from ..policies.cosine_filter import CandidateConfidence, CosineFilter
+from ..policies.tsallis import ViewSelection
+from . import register
+from .base import Counters
+from .tpt import TPT
+
+
+@register("difftpt")
+class DiffTPT(TPT):
+    """TPT over original + augmented + diffusion views with DiffTPT's two-stage selection.
+
+    Args:
+        num_views: augmented (crop + flip) views besides the original (DiffTPT: 64, ``n_views = bs``).
+        num_diffusion: diffusion views per image (``None``: all of ``diffusion_views.num_views``, 63
+            by default; on the command line ``augment.diffusion.num_views``).
+        cosine: kept fraction of the other views by cosine similarity to view 0 (``selection_cosine`` 0.8).
+        cosine_on: ``logits`` (the released code) or ``embeddings`` (image embeddings).
+        selection: kept fraction of the candidates by entropy (``selection_selfentro`` 0.3).
+        steps: tuning steps per image (the script's ``tta_steps`` = 4).
+        diffusion_views: the diffusion source; from the CLI's ``augment.diffusion.*``. Needed unless
+            ``num_diffusion=0``.
+        image_names: sample ids -> view-cache image names (default: ``#<id>``; the CLI resolves ids to
+            file paths through the stream, :class:`~tta.augment.mixed_views.StreamImageNames`).
+        Other arguments as :class:`~tta.methods.tpt.TPT` (lr 5e-3, AdamW, ``augmix``, ``grad_scale``, ``seed``).
+    """
+
+    paper = "Feng et al., ICCV 2023 (chunmeifeng/DiffTPT)"
+    needs_diffusion_views = True
+
+    def __init__(self, model, *, num_views: int = 64, num_diffusion: int | None = None, cosine: float = 0.8,
+                 cosine_on: str = "logits", selection: float = 0.3, steps: int = 4,
+                 diffusion_views: DiffusionViews | None = None,
+                 image_names: Callable[[Sequence[int]], list[str]] | None = None, **kwargs: Any):
+        if kwargs.get("score", "shannon") != "shannon":
+            raise ValueError("DiffTPT ranks its candidates by Shannon entropy; for another view ranking add it "
+                             "as an extra policy (policies.extra=[tsallis])")
+        self.num_augmented = int(num_views)
+        self.num_diffusion = None if num_diffusion is None else int(num_diffusion)
+        self.cosine, self.cosine_on = float(cosine), cosine_on
+        super().__init__(model, num_views=self.num_augmented + 1, selection=selection, steps=steps, **kwargs)
+        own = [CosineFilter(self.cosine, on=cosine_on), CandidateConfidence(self.selection)]
+        given = len(kwargs.get("extra_policies") or ())
+        extra = list(self.policies)[len(self.policies) - given:] if given else []  # without TPT's own selection
+        if any(isinstance(p, ViewSelection) for p in extra):  # an extra view ranking replaces the entropy stage
+            own = own[:1]
+        self.policies = torch.nn.ModuleList(own + extra)
+        self.policy_counters = Counters([f"{p.name}_{what}" for p in self.policies for what in ("seen", "kept")])
+        self.conventional: ViewGenerator = self.views
+        self.num_views = self.num_augmented + 1 + (self.num_diffusion or 0)
+        self.counters.add("diffusion_views", 0)
+        if diffusion_views is not None:
+            self.set_diffusion_views(diffusion_views, names=image_names)
+
+    def set_diffusion_views(self, diffusion: DiffusionViews,
+                            names: Callable[[Sequence[int]], list[str]] | StreamImageNames | None = None) -> None:
+        """Use ``diffusion`` for the diffusion views (``names``: sample ids -> cache image names)."""
+        self.views = DiffusionViewGenerator(self.conventional, diffusion, mode="add", num_diffusion=self.num_diffusion,
+                                            names=names)
+        self.num_diffusion = self.views.num_diffusion
+        self.num_views = self.views.num_views
+
+    def forward(self, x: torch.Tensor, ids: torch.Tensor | Sequence[int] | None = None,
+                domain: str | None = None) -> torch.Tensor:
+        if self.num_diffusion != 0 and not isinstance(self.views, DiffusionViewGenerator):
+            raise RuntimeError("DiffTPT needs diffusion views: pass diffusion_views=DiffusionViews(...) (on the "
+                               "command line augment.diffusion.pipeline=...), or num_diffusion=0 for TPT with "
+                               "DiffTPT's selection")
+        out = super().forward(x, ids=ids, domain=domain)
+        if self.num_diffusion:
+            self.counters.add("diffusion_views", x.shape[0] * self.num_diffusion)
+        return out
+
+    def diffusion_stats(self) -> dict[str, Any] | None:
+        """Cache hits / generated / invalid counts of the diffusion source (``None`` without one)."""
+        return self.views.stats() if isinstance(self.views, DiffusionViewGenerator) else None
+
+    def hparams(self) -> dict[str, Any]:
+        out = super().hparams()
+        out.update(num_views=self.num_views, num_augmented=self.num_augmented, num_diffusion=self.num_diffusion,
+                   cosine=self.cosine, cosine_on=self.cosine_on)
+        return out
+
+
+__all__ = ["DiffTPT"]

@@ -1,0 +1,156 @@
+"""SAR: sharpness-aware and reliable entropy minimisation (Niu et al., ICLR 2023).
+
+Paper: "Towards Stable Test-Time Adaptation in Dynamic Wild World", https://arxiv.org/abs/2302.12400.
+Official code: https://github.com/mr-eggplant/SAR (``sar.py``, ``sam.py``, ``main.py``); METHODS.md §4.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from ..objectives.entropy import shannon_entropy, weighted_mean
+from ..objectives.sam import SAMPerturbation
+from ..policies.base import Policy
+from ..policies.entropy import EntropyMargin
+from . import register
+from .base import Method
+
+
+@register("sar")
+class SAR(Method):
+    """SAR (Niu et al., ICLR 2023; mr-eggplant/SAR ``forward_and_adapt_sar``).
+
+    Per batch:
+
+    1. forward ``z = f(x; theta)``; ``S1 = {H < e_margin * ln C}`` (strict; 0.4 ln C), intersected
+       with any extra policy; ``L1 = mean_S1 H``; backward;
+    2. SAM ascent (``rho`` 0.05, non-adaptive): ``e = rho g / (||g|| + 1e-12)``, global norm;
+       ``theta <- theta + e``;
+    3. second forward on the **full batch** at ``theta + e`` (so BatchNorm sees every sample, as
+       SAR's code; DeYO's copy forwards ``x[S1]`` only); ``S2 = S1 and {H' < e_margin * ln C}``;
+       ``L2 = mean_S2 H'`` (extra policies' weights, if any, apply to both losses);
+    4. EMA of ``L2`` (0.9) when ``S2`` is non-empty and ``L2`` finite;
+    5. backward ``L2``, restore ``theta``, SGD step (momentum 0.9) with the gradient at ``theta + e``;
+    6. recovery: if ``ema < reset_constant`` (0.2, hard-coded in SAR's code) reset the model and the
+       optimizer, on the device (a ``lerp`` to the initial state, no host sync);
+    7. return the first forward's logits.
+
+    Defaults and decisions (all as the official code unless an option is set):
+
+    * parameters: preset ``sar`` (norm affine without ``layer4``, ``blocks.9-11``, final ``norm``);
+      lr by SAR's rule (2.5e-4 ResNet bs >= 32, 1e-3 ViT at bs 64), doubled at bs 1
+      (``double_lr_at_bs1``, SAR commit a266f7d).
+    * empty ``S1``/``S2``: the official second SGD step still runs with a zero gradient, so the
+      momentum keeps moving the weights; kept (``skip_empty=False``, counted in
+      ``empty_selection_steps``). ``skip_empty=True`` skips the update when ``S2`` is empty.
+    * after a recovery the official code keeps the EMA value (``SAR.forward`` assigns the returned
+      ``ema`` after ``reset()`` cleared it), so the model keeps being reset until the EMA climbs
+      back above 0.2; kept (METHODS.md §4 step 7 says "set to missing": the code says otherwise).
+      ``clear_ema_on_recovery=True`` clears it.
+    * a recovery restores the weights but **not** the SGD momentum: SAR's ``reset()`` loads the
+      state dict of its SAM wrapper, which does not hold the base SGD's momentum buffers (checked
+      with a wrapper built the same way on torch 2.14); kept. ``reset_momentum_on_recovery=True``
+      also zeroes the momentum (a fresh optimizer). ``reset()`` (a new domain) clears the EMA, as SAR's
+      ``main.py`` builds a fresh model per corruption.
+    * ``recovery=False`` turns model recovery off.
+    """
+
+    paper = "Niu et al., ICLR 2023 (mr-eggplant/SAR)"
+    default_params = "sar"
+    double_lr_at_bs1 = True
+
+    def __init__(self, model, *, e_margin: float = 0.4, rho: float = 0.05, adaptive: bool = False,
+                 reset_constant: float = 0.2, ema_momentum: float = 0.9, recovery: bool = True,
+                 skip_empty: bool = False, clear_ema_on_recovery: bool = False,
+                 reset_momentum_on_recovery: bool = False, **kwargs: Any):
+        self.e_margin, self.rho, self.adaptive = float(e_margin), float(rho), bool(adaptive)
+        self.reset_constant, self.ema_momentum, self.recovery = float(reset_constant), float(ema_momentum), bool(recovery)
+        self.skip_empty, self.clear_ema_on_recovery = bool(skip_empty), bool(clear_ema_on_recovery)
+        self.reset_momentum_on_recovery = bool(reset_momentum_on_recovery)
+        super().__init__(model, **kwargs)
+        params = self.adapted_parameters()
+        self.sam = SAMPerturbation(params, rho=self.rho, adaptive=self.adaptive)
+        for i, p in enumerate(params):
+            self.register_buffer(f"initial_{i}", p.detach().clone(), persistent=False)
+        self.register_buffer("ema", torch.zeros(()))
+        self.register_buffer("ema_exists", torch.zeros((), dtype=torch.bool))
+        for name in ("recoveries", "empty_selection_steps", "second_kept"):
+            self.counters.add(name, 0)
+
+    def default_policies(self) -> list[Policy]:
+        return [EntropyMargin(fraction=self.e_margin, num_classes=self.num_classes)]
+
+    def margin(self) -> float:
+        return self.e_margin * math.log(self.num_classes)
+
+    def reset_state(self) -> None:
+        self.ema.zero_()
+        self.ema_exists.fill_(False)
+
+    def adapt(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.model(x)
+        ctx = self.context(x, logits)
+        weights = self.select(ctx)
+        loss = weighted_mean(ctx.entropy, weights)
+        ok_first = loss.detach().isfinite()
+        loss.backward()
+        self.sam.ascend(ok_first)
+
+        entropy2 = shannon_entropy(self.model(x))  # full batch at theta + e
+        keep2 = (weights > 0) & (entropy2.detach() < self.margin())
+        weights2 = torch.where(keep2, weights, torch.zeros_like(weights))
+        loss2 = weighted_mean(entropy2, weights2)
+        kept2 = keep2.sum()
+        with torch.no_grad():
+            value = weighted_mean(entropy2.detach().float(), keep2.float())  # SAR's loss_second: mean_S2 H'
+            valid = (kept2 > 0) & value.isfinite()
+            moved = torch.where(self.ema_exists, self.ema_momentum * self.ema + (1 - self.ema_momentum) * value, value)
+            self.ema.copy_(torch.where(valid, moved, self.ema))
+            self.ema_exists.copy_(self.ema_exists | valid)
+        ok = loss2.detach().isfinite()
+        loss2.backward()
+        self.sam.restore()
+        nonempty = kept2 > 0
+        ok = self.update(None, ok & nonempty if self.skip_empty else ok)
+        self.counters.add("forwards", 2)
+        self.counters.add("backwards", 2)
+        self.counters.add("steps", ok)
+        self.counters.add("kept", (weights > 0).sum() * ok)
+        self.counters.add("second_kept", kept2 * ok)
+        if self.skip_empty:
+            self.counters.add("skipped_empty", ~nonempty)
+            self.counters.add("skipped_nonfinite", nonempty & ~ok)
+        else:
+            self.counters.add("empty_selection_steps", ~nonempty & ok)
+            self.counters.add("skipped_nonfinite", ~ok)
+        if self.recovery:
+            self._recover(self.ema_exists & (self.ema < self.reset_constant))
+        return logits.detach()
+
+    @torch.no_grad()
+    def _recover(self, flag: torch.Tensor) -> None:
+        """Reset model and optimizer where ``flag`` (a device bool), without a host sync."""
+        params = self.adapted_parameters()
+        weight = flag.to(torch.float32)
+        torch._foreach_lerp_(params, [self._buffers[f"initial_{i}"] for i in range(len(params))], weight)
+        state = ([v for p in params for v in self.optimizer.state[p].values() if torch.is_tensor(v)]
+                 if self.reset_momentum_on_recovery else [])
+        if state:  # fresh optimizer state = zeros (GuardedStep primes it that way)
+            by_device: dict[torch.device, list[torch.Tensor]] = {}
+            for t in state:
+                by_device.setdefault(t.device, []).append(t)
+            for device, tensors in by_device.items():
+                keep = (~flag).to(device=device, dtype=tensors[0].dtype)
+                torch._foreach_mul_(tensors, keep)
+        if self.clear_ema_on_recovery:
+            self.ema_exists.copy_(self.ema_exists & ~flag)
+        self.counters.add("recoveries", flag)
+
+    def hparams(self) -> dict[str, Any]:
+        return {**super().hparams(), "e_margin": self.e_margin, "e_margin_nats": self.margin(), "rho": self.rho,
+                "adaptive": self.adaptive, "reset_constant": self.reset_constant, "ema_momentum": self.ema_momentum,
+                "recovery": self.recovery, "skip_empty": self.skip_empty,
+                "clear_ema_on_recovery": self.clear_ema_on_recovery,
+                "reset_momentum_on_recovery": self.reset_momentum_on_recovery}

@@ -1,0 +1,147 @@
+"""DiffTPT's cosine filter: keep the views that agree most with the original test image.
+
+A *view-level* policy: the "samples" of the batch context are the views of one test image, with
+view 0 the original (Resize + CenterCrop). It works inside any view-based method (TPT, DiffTPT,
+ADTE) or on a plain batch whose first sample is the reference.
+
+Official rule (DiffTPT ``select_confident_samples_cosine``, METHODS.md section 8, step 2):
+cosine similarity between the **logit vector** of view 0 and the logit vector of every other
+view; keep the ``floor((V - 1) * ratio)`` most similar (descending, ``ratio = 0.8``: 101 of 127),
+then prepend view 0 (102 candidates). ``on="embeddings"`` compares image embeddings instead, as
+the paper's text ("similarity to the single test sample") can be read.
+
+The selection is a mask computed on the device from ranks, without host syncs: a view is kept
+when its rank among the alive views (view 0 excluded) is below ``floor(n * ratio)``, ``n`` the
+number of those views. With every view alive this keeps exactly the official index set.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from . import register
+from .base import BatchContext, Policy
+
+ON = ("logits", "embeddings")
+
+
+def keep_count(n: torch.Tensor, ratio: float) -> torch.Tensor:
+    """``int(n * ratio)`` on the device, in float64 as Python computes it (``int(127 * 0.8)`` = 101)."""
+    return torch.floor(n.to(torch.float64) * float(ratio)).to(torch.long)
+
+
+def rank_among(scores: torch.Tensor, alive: torch.Tensor, descending: bool) -> torch.Tensor:
+    """Rank (0 = best) of every alive entry of ``scores`` among the alive ones; dead entries rank last.
+
+    Sorting is stable, so ties keep index order (the official ``argsort`` is not stable; ties are
+    practically irrelevant for continuous scores).
+    """
+    scores = scores.detach().float()
+    fill = float("-inf") if descending else float("inf")
+    order = torch.where(alive, scores, torch.full_like(scores, fill)).argsort(descending=descending, stable=True)
+    ranks = torch.empty_like(order)
+    ranks[order] = torch.arange(order.numel(), device=order.device)
+    return ranks
+
+
+def top_fraction(scores: torch.Tensor, alive: torch.Tensor, ratio: float, descending: bool) -> torch.Tensor:
+    """Mask of the ``floor(n_alive * ratio)`` alive entries with the highest (``descending``) or lowest scores."""
+    return alive & (rank_among(scores, alive, descending) < keep_count(alive.sum(), ratio))
+
+
+def view_embeddings(ctx: BatchContext) -> torch.Tensor:
+    """Image embeddings of the views, from the context (a view-based CLIP method provides them)."""
+    for name in ("image_features", "features"):
+        value = ctx.extras.get(name)
+        if value is None:
+            value = getattr(ctx, name, None)
+        if callable(value):
+            value = value()
+        if torch.is_tensor(value):
+            return value
+    encode = getattr(ctx.model, "encode_image", None)
+    if callable(encode):  # e.g. TPT's context holds the views and the CLIP classifier: one extra pass
+
+        def compute() -> torch.Tensor:
+            with torch.no_grad():
+                return encode(ctx.x)
+
+        return ctx.cached("image_features", compute)
+    raise RuntimeError("cosine_filter(on='embeddings') needs image embeddings of the views in the batch context "
+                       "(ctx.extras['image_features']); this method does not provide them: use on='logits'")
+
+
+@register("cosine_filter")
+class CosineFilter(Policy):
+    """DiffTPT's filter: view 0 plus the ``floor((V-1) * ratio)`` views most cosine-similar to it.
+
+    Args:
+        ratio: fraction of the other views to keep (DiffTPT ``selection_cosine`` = 0.8).
+        on: ``"logits"`` (the released code) or ``"embeddings"`` (image embeddings).
+        reference: index of the original view (0).
+        num_classes: ignored (the policy factory passes it to every policy).
+
+    Returns 1 for view 0 (when alive) and the kept views, 0 otherwise.
+    """
+
+    def __init__(self, ratio: float = 0.8, on: str = "logits", reference: int = 0, num_classes: int | None = None):
+        super().__init__()
+        if on not in ON:
+            raise ValueError(f"cosine_filter: on must be one of {ON}, got {on!r}")
+        if not 0.0 <= ratio <= 1.0:
+            raise ValueError(f"cosine_filter: ratio must be in [0, 1], got {ratio}")
+        self.ratio, self.on, self.reference = float(ratio), on, int(reference)
+
+    def similarity(self, ctx: BatchContext) -> torch.Tensor:
+        """Cosine similarity of every view to the reference view (the reference's own is 1)."""
+
+        def compute() -> torch.Tensor:
+            values = ctx.logits if self.on == "logits" else view_embeddings(ctx)
+            values = values.detach().float()
+            # torch.nn.CosineSimilarity(dim=0), the official call, with its eps = 1e-8
+            return F.cosine_similarity(values[self.reference:self.reference + 1], values, dim=1, eps=1e-8)
+
+        return ctx.cached(f"cosine_to_view{self.reference}_{self.on}", compute)
+
+    def forward(self, ctx: BatchContext, alive: torch.Tensor) -> torch.Tensor:
+        is_reference = torch.zeros_like(alive)
+        is_reference[self.reference] = True
+        others = alive & ~is_reference
+        keep = top_fraction(self.similarity(ctx), others, self.ratio, descending=True)
+        return (keep | (alive & is_reference)).to(torch.float32)
+
+    def hparams(self) -> dict[str, Any]:
+        return {"ratio": self.ratio, "on": self.on, "reference": self.reference}
+
+
+@register("difftpt_confidence")
+class CandidateConfidence(Policy):
+    """DiffTPT's second filter: the ``floor(n * fraction)`` lowest-entropy views among the ``n`` views
+    still alive (the cosine filter's candidates; 30 of 102 with ``fraction = 0.3``).
+
+    Unlike ``tpt_confidence`` (a fraction of *all* views), the count is relative to the views the
+    earlier policies kept, as DiffTPT's ``select_confident_samples_cosine`` computes it on the
+    candidate list. At least one view is kept when any is alive (identical for ``n >= 4``).
+
+    Args:
+        fraction: DiffTPT ``selection_selfentro`` (0.3).
+        num_classes: ignored.
+    """
+
+    def __init__(self, fraction: float = 0.3, num_classes: int | None = None):
+        super().__init__()
+        if not 0.0 < fraction <= 1.0:
+            raise ValueError(f"difftpt_confidence: fraction must be in (0, 1], got {fraction}")
+        self.fraction = float(fraction)
+
+    def forward(self, ctx: BatchContext, alive: torch.Tensor) -> torch.Tensor:
+        logits = ctx.logits.detach().float()
+        entropy = -(logits.softmax(1) * logits.log_softmax(1)).sum(1)  # the official expression
+        n = alive.sum()
+        k = torch.maximum(keep_count(n, self.fraction), (n > 0).long())
+        return (alive & (rank_among(entropy, alive, descending=False) < k)).to(torch.float32)
+
+    def hparams(self) -> dict[str, Any]:
+        return {"fraction": self.fraction}
