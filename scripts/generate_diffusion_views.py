@@ -63,6 +63,16 @@ def select(ids: list[str], subset: int | None, per_class: int | None, seed: int)
     return sorted(ids)
 
 
+def read_image(path: Path, preprocess=None):
+    """The conditioning image: ToTensor of the file (official), or the stream's pixels for ``preprocess``."""
+    if preprocess is not None:  # the stream's CPU decoding path, pixel for pixel
+        from tta.data.decode import decode_file_cpu
+
+        return decode_file_cpu(path, preprocess).float() / 255
+    with Image.open(path) as img:
+        return to_tensor(img.convert("RGB"))
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--root", type=Path, required=True, help="image folder <root>/<class>/<image>")
@@ -119,15 +129,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, object]:
             continue
         if args.limit is not None and summary["processed"] >= args.limit:
             break
-        if preprocess is not None:  # the stream's CPU decoding path, pixel for pixel
-            from tta.data.decode import decode_file_cpu
-
-            views((decode_file_cpu(args.root / image_id, preprocess).float() / 255)[None], [name])
-            summary["processed"] += 1
-            bar.set_postfix(generated=views.stats["generated"])
-            continue
-        with Image.open(args.root / image_id) as img:
-            views(to_tensor(img.convert("RGB"))[None], [name])
+        views(read_image(args.root / image_id, preprocess)[None], [name])
         summary["processed"] += 1
         bar.set_postfix(generated=views.stats["generated"])
     summary.update(unfinished=len(ids) - summary["complete"] - summary["processed"],

@@ -42,12 +42,12 @@ def check_labels(labels: torch.Tensor, num_classes: int, open_set: bool = False)
 
 def prepare(method: Method, *, device: torch.device, channels_last: bool = False, compile: bool = False) -> Method:
     method.to(device)
-    if method.source:
-        method.source[0].to(device)
-    if channels_last:
-        method.model.to(memory_format=torch.channels_last)
-    if compile:
-        method.model.net.compile()
+    models = [method.model] + ([method.source[0].to(device)] if method.source else [])
+    for model in models:  # the frozen copy gets the same kernels, so first-batch ties stay exact
+        if channels_last:
+            model.to(memory_format=torch.channels_last)
+        if compile:
+            model.net.compile()
     return method
 
 

@@ -18,7 +18,7 @@ import json
 import logging
 import os
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -258,22 +258,41 @@ class DiffusionViews:
         """Threads for PNG encoding and decoding, which release the GIL. Writes overlap the GPU."""
         return ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1), thread_name_prefix="tta-views")
 
+    @cached_property
+    def _reader(self) -> ThreadPoolExecutor:
+        """One thread that reads the cache ahead (:meth:`read_ahead`) while the caller computes."""
+        return ThreadPoolExecutor(max_workers=1, thread_name_prefix="tta-views-ahead")
+
     # ----------------------------------------------------------------- public API
-    def __call__(self, images: torch.Tensor, ids: Sequence[str]) -> torch.Tensor:
+    def __call__(self, images: torch.Tensor, ids: Sequence[str], cached: Future | list | None = None) -> torch.Tensor:
         """Views of ``images`` (float ``(N, 3, H, W)`` in [0, 1]); ``ids`` unique per image.
+
+        ``cached``: the result (or the future) of :meth:`read_ahead` for the same ``ids``, so the
+        cache reads overlapped other work; views missing from it are generated as usual.
 
         Returns:
             float tensor ``(N, num_views, 3, R, R)`` in [0, 1] (multiples of 1/255) on
             ``images.device``.
         """
         _check_batch(images, ids)
-        grid = [self._read_all(image_id, count_invalid=True) for image_id in ids]
+        if isinstance(cached, Future):
+            cached = cached.result()
+        if cached is not None and len(cached) != len(ids):
+            raise ValueError(f"cached views for {len(cached)} images, but {len(ids)} ids")
+        grid = ([list(row) for row in cached] if cached is not None else
+                [self._read_all(image_id, count_invalid=True) for image_id in ids])
         todo = [(i, k) for i, row in enumerate(grid) for k, view in enumerate(row) if view is None]
         self.stats["cache_hits"] += len(ids) * self.num_views - len(todo)
         for i, k, view in self._generate(images, ids, todo):
             grid[i][k] = view
         views = torch.stack([torch.stack(row) for row in grid]).to(images.device)
         return views.float().div_(255)
+
+    def read_ahead(self, ids: Sequence[str]) -> Future:
+        """Start reading the cached views of ``ids`` in the background; pass the future to the call
+        for the same ids (``cached=``). Reads only: nothing is generated or written."""
+        ids = list(ids)
+        return self._reader.submit(lambda: [self._read_all(image_id, count_invalid=True) for image_id in ids])
 
     def missing(self, image_id: str) -> list[int]:
         """Indices of the variations of ``image_id`` that have no valid cache entry."""

@@ -98,14 +98,16 @@ class StreamImageNames:
 
 
 class MixedPlan(ViewPlan):
-    """A :class:`ViewPlan` that also remembers the ids of the batch (for the diffusion views)."""
+    """A :class:`ViewPlan` that also remembers the ids of the batch (for the diffusion views) and the
+    cache reads started ahead, by image slice."""
 
     ids: list[int]
+    ahead: dict
 
     @classmethod
     def wrap(cls, plan: ViewPlan, ids: list[int]) -> "MixedPlan":
         out = cls(plan.crops, plan.flips, plan.augmix, plan.height, plan.width)
-        out.ids = ids
+        out.ids, out.ahead = ids, {}
         return out
 
 
@@ -148,12 +150,13 @@ class DiffusionViewGenerator:
         ids = ids.tolist() if torch.is_tensor(ids) else [int(i) for i in ids]
         return MixedPlan.wrap(self.base.plan(ids, height, width, salt), ids)
 
-    def diffusion_views(self, x: torch.Tensor, ids: Sequence[int]) -> torch.Tensor:
+    def diffusion_views(self, x: torch.Tensor, ids: Sequence[int], cached: Any = None) -> torch.Tensor:
         """(N, num_diffusion, 3, S, S) diffusion views of ``x`` at the method's resolution."""
         if self.num_diffusion == 0:
             return x.new_zeros(x.shape[0], 0, 3, self.size, self.size)
         names = self.names(list(ids))
-        views = self.diffusion(x, names)[:, : self.num_diffusion]
+        views = (self.diffusion(x, names, cached=cached) if cached is not None else self.diffusion(x, names))
+        views = views[:, : self.num_diffusion]
         self.requested += views.shape[0] * views.shape[1]
         n, k = views.shape[:2]
         return resize_center_crop(views.flatten(0, 1), self.size).view(n, k, 3, self.size, self.size).to(x.dtype)
@@ -169,7 +172,13 @@ class DiffusionViewGenerator:
             conventional = self.base(x, plan=plan, images=images)
         else:
             conventional = resize_center_crop(x[start:stop], self.size).unsqueeze(1)
-        diffusion = self.diffusion_views(x[start:stop], plan.ids[start:stop])
+        cached = plan.ahead.pop((start, stop), None)
+        following = (stop, min(stop + (stop - start), len(plan.ids)))
+        if (self.num_diffusion and following[0] < following[1] and following not in plan.ahead
+                and callable(getattr(self.diffusion, "read_ahead", None)) and self.diffusion.cache is not None):
+            # TPT/ADTE go image by image: read the next image's cached views while this one is tuned
+            plan.ahead[following] = self.diffusion.read_ahead(self.names(plan.ids[following[0]:following[1]]))
+        diffusion = self.diffusion_views(x[start:stop], plan.ids[start:stop], cached)
         return torch.cat([conventional, diffusion.to(conventional.device)], dim=1)
 
     def stats(self) -> dict[str, Any]:

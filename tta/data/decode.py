@@ -25,6 +25,7 @@ from torch import Tensor
 
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".bmp", ".webp", ".gif")
 _JPEG_MAGIC = b"\xff\xd8"
+_JPEG_END = b"\xff\xd9"
 
 
 class BadImageError(RuntimeError):
@@ -98,7 +99,7 @@ def decode_batch_cuda(datas: Sequence[Tensor], preprocess: Preprocess, device: t
 
     out: list[Tensor | None] = [None] * len(datas)
     bad: list[BadImage] = []
-    jpeg = [i for i, d in enumerate(datas) if d.numel() > 2 and bytes(d[:2].tolist()) == _JPEG_MAGIC]
+    jpeg = [i for i, d in enumerate(datas) if _complete_jpeg(d)]
     decoded: dict[int, Tensor] = {}
     if jpeg:
         try:
@@ -120,6 +121,14 @@ def decode_batch_cuda(datas: Sequence[Tensor], preprocess: Preprocess, device: t
                 continue
         out[i] = preprocess(image.float())
     return out, bad
+
+
+def _complete_jpeg(data: Tensor) -> bool:
+    """A JPEG with its end-of-image marker near the end. nvJPEG decodes truncated files without an
+    error (grey bottom rows), libjpeg refuses them: anything else goes to the CPU decoder, which decides."""
+    if data.numel() < 4 or data[:2].numpy().tobytes() != _JPEG_MAGIC:
+        return False
+    return _JPEG_END in data[-1024:].numpy().tobytes()
 
 
 def _short(error: BaseException) -> str:

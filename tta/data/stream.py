@@ -375,7 +375,7 @@ class Stream:
 
         def produce() -> None:
             try:
-                if cuda:
+                if cuda and self.device.index is not None:
                     torch.cuda.set_device(self.device)
                 for raw in self._raw_batches():
                     if stop.is_set():

@@ -144,6 +144,8 @@ class ADTE(Method):
         self.online_seen = 0
         for name in ("views", "prepass_images", "prepass_written"):
             self.counters.add(name, 0)
+        for what in ("seen", "kept"):
+            self.policy_counters.add(f"{self.ranking.name}_{what}", 0)
         self.register_buffer("log_bias", torch.zeros(self.num_classes))
 
     def _capture_state(self) -> dict[str, Any]:
@@ -284,7 +286,7 @@ class ADTE(Method):
             weights = torch.stack(weights)
         else:
             weights = self.ranking.select(logits)                      # (N, V)
-        self.policy_counters.add(f"{self.ranking.name}_seen", torch.tensor(weights.numel(), device=weights.device))
+        self.policy_counters.add(f"{self.ranking.name}_seen", weights.numel())
         self.policy_counters.add(f"{self.ranking.name}_kept", (weights > 0).sum())
         z = logits - self.log_bias if self.label_adjust else logits
         probs = (z.softmax(dim=-1) * weights.unsqueeze(-1)).sum(dim=1)  # sum of softmax over the kept views

@@ -32,7 +32,7 @@ class DeYO(Method):
 
     Defaults: parameters ``sar`` (as DeYO's ``collect_params``); lr by the SAR/DeYO rule, doubled at
     bs 1; no EMA, no reset, no Fisher. ``filter_ent=False``/``filter_plpd=False`` drop a filter
-    (the official flags); ``reweight_ent``/``reweight_plpd`` the weight terms. ``seed`` gives the
+    (the official flags); ``reweight_ent``/``reweight_plpd`` the weight terms. ``transform_seed`` gives the
     destroying transform its own generator (default: the global RNG, as the official code).
     Waterbirds / ColoredMNIST settings (``lr_mul`` 5, other margins) are not defaults.
     """
@@ -44,12 +44,13 @@ class DeYO(Method):
     def __init__(self, model, *, deyo_margin: float = 0.5, margin_e0: float = 0.4, plpd_threshold: float = 0.2,
                  aug_type: str = "patch", patch_len: int = 4, occlusion_size: int = 112, row_start: int = 56,
                  column_start: int = 56, reweight_ent: bool = True, reweight_plpd: bool = True,
-                 filter_ent: bool = True, filter_plpd: bool = True, seed: int | None = None, **kwargs: Any):
+                 filter_ent: bool = True, filter_plpd: bool = True, transform_seed: int | None = None,
+                 **kwargs: Any):
         self.deyo_margin, self.margin_e0, self.plpd_threshold = float(deyo_margin), float(margin_e0), float(plpd_threshold)
         self.filter_ent, self.filter_plpd = bool(filter_ent), bool(filter_plpd)
         self._plpd_kwargs = dict(aug_type=aug_type, patch_len=patch_len, occlusion_size=occlusion_size,
                                  row_start=row_start, column_start=column_start, reweight_ent=reweight_ent,
-                                 reweight_plpd=reweight_plpd, e0_fraction=margin_e0, seed=seed)
+                                 reweight_plpd=reweight_plpd, e0_fraction=margin_e0, seed=transform_seed)
         super().__init__(model, **kwargs)
 
     def default_policies(self) -> list[Policy]:

@@ -112,13 +112,20 @@ class EATA(ETA):
 
     def save_fisher(self, path: str | Path) -> None:
         """Write the Fisher and its anchor (by parameter name) for ``fisher_path=`` later."""
-        if self._fisher_data is not None:
-            self.compute_fisher()
+        self.ensure_fisher()
         self.fisher.save(path)
 
+    def ensure_fisher(self) -> None:
+        """Estimate the pending Fisher before the first update (theta0 = the source weights), unless
+        one was loaded since (``load_state_dict``). Checked once: no host sync afterwards."""
+        if self._fisher_data is not None:
+            if self.fisher.is_ready:
+                self._fisher_data = None
+            else:
+                self.compute_fisher()
+
     def adapt(self, x: torch.Tensor) -> torch.Tensor:
-        if self._fisher_data is not None:  # before the first update: theta0 = the source weights
-            self.compute_fisher()
+        self.ensure_fisher()
         return super().adapt(x)
 
     def objective(self, ctx: BatchContext, weights: torch.Tensor) -> torch.Tensor:

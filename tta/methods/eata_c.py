@@ -80,8 +80,7 @@ class EATAC(EATA):
         self.counters.add("label_disagreements", 0)
 
     def adapt(self, x: torch.Tensor) -> torch.Tensor:
-        if self._fisher_data is not None:
-            self.compute_fisher()
+        self.ensure_fisher()
         logits = self.model(x)
         ctx = self.context(x, logits)
         weights = self.select(ctx)

@@ -234,12 +234,9 @@ class ClipNet(nn.Module):
             if len(class_names) == 0:
                 raise ValueError("a CLIP head needs at least one class name")
             self.class_names = [str(n) for n in class_names]
-            tower = text_tower(self.clip)
-            old = self.prompt
+            tower = text_tower(self.clip)  # a new prompt learner: rebuild a method that tunes the old one
             self.prompt = (PromptLearner(tower, self.tokenizer, self.class_names, self.ctx_init, self.n_ctx,
                                          self.truncate) if tower is not None else None)
-            if old is not None and self.prompt is not None and old.ctx.requires_grad:
-                self.prompt.ctx.requires_grad_(True)
         if templates is not None:
             self.templates = get_templates(templates)
             self.template_spec = templates if isinstance(templates, str) else "custom"

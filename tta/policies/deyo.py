@@ -163,7 +163,7 @@ class PLPD(Policy):
         full = torch.zeros(ctx.batch_size, ctx.num_classes, device=ctx.logits.device, dtype=torch.float32)
         count = int(alive.sum())  # the one host sync: the size of the subset to forward
         if count:
-            index = torch.nonzero_static(alive, size=count).squeeze(1)
+            index = (~alive).to(torch.uint8).argsort(stable=True)[:count]  # alive rows, in order, no sync
             with torch.no_grad():
                 logits = ctx.model(self.destroy(ctx.x.index_select(0, index)))
             full.index_copy_(0, index, logits.float())

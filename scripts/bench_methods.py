@@ -1,0 +1,353 @@
+"""Throughput and peak memory of every method: ours beside a plain loop written like the official code.
+
+    python scripts/bench_methods.py                                   # CPU: a small model, ~1-2 minutes
+    python scripts/bench_methods.py --device cuda --model resnet50 --batch-size 64
+    python scripts/bench_methods.py --device cuda --model vit_base_patch16_224 --amp --channels-last --compile
+
+For each method both implementations adapt the same random-weight timm model (its head scaled so
+that about half of the samples pass the 0.4 ln C entropy filter, so the filters do real work) on
+the same random batches, one after the other in this process. The plain loop is what the official
+repositories do: fp32, eager, index lists for the selections, ``.item()`` / ``len()`` on the host,
+a Python loop over all named parameters for EATA's Fisher term, SAM as an optimizer wrapper with
+per-parameter loops, a deep-copied frozen model for wisdom-of-crowds. ``--amp``,
+``--channels-last`` and ``--compile`` apply to ours only. Prints one markdown table.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import time
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import tta.methods as methods
+from tta.engine import prepare
+from tta.models import load_classifier
+
+METHODS = ("tent", "eta", "eata", "sar", "deyo", "crowds", "eata_c")
+NORM = (nn.BatchNorm2d, nn.LayerNorm, nn.GroupNorm)
+
+
+# ---------------------------------------------------------------- the official-style plain loops
+def ent(z: torch.Tensor) -> torch.Tensor:
+    return -(z.softmax(1) * z.log_softmax(1)).sum(1)
+
+
+def plain_configure(net: nn.Module, preset: str) -> list[tuple[str, nn.Parameter]]:
+    net.train()
+    net.requires_grad_(False)
+    params = []
+    for name, m in net.named_modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.track_running_stats, m.running_mean, m.running_var = False, None, None
+        if not isinstance(m, NORM):
+            continue
+        if preset == "sar" and (any(k in name for k in ("layer4", "blocks.9", "blocks.10", "blocks.11"))
+                                or "norm." in name or name == "norm"):
+            continue
+        for pname, p in m.named_parameters(recurse=False):
+            if pname in ("weight", "bias"):
+                p.requires_grad_(True)
+                params.append((f"{name}.{pname}", p))
+    return params
+
+
+class Plain:
+    preset = "norm"
+
+    def __init__(self, clf, lr: float):
+        self.net = clf.net
+        self.mean, self.std = clf.mean, clf.std
+        self.params = plain_configure(self.net, self.preset)
+        self.opt = torch.optim.SGD([p for _, p in self.params], lr=lr, momentum=0.9)
+        self.c = math.log(clf.num_classes)
+
+    def model(self, x):
+        return self.net((x - self.mean) / self.std)
+
+
+class PlainTent(Plain):
+    def __call__(self, x):
+        out = self.model(x)
+        ent(out).mean(0).backward()
+        self.opt.step()
+        self.opt.zero_grad()
+        return out
+
+
+class PlainEATA(Plain):
+    fishers = None
+
+    def __init__(self, clf, lr, fisher_data=None):
+        super().__init__(clf, lr)
+        self.m = None
+        if fisher_data is not None:
+            self.fishers = {}
+            for it, xb in enumerate(fisher_data, start=1):
+                out = self.model(xb)
+                F.cross_entropy(out, out.max(1)[1]).backward()
+                for name, p in self.net.named_parameters():
+                    if p.grad is not None:
+                        f = p.grad.data.clone() ** 2 + (self.fishers[name][0] if it > 1 else 0)
+                        if it == len(fisher_data):
+                            f = f / it
+                        self.fishers[name] = [f, p.data.clone()]
+                self.opt.zero_grad()
+
+    def __call__(self, x):
+        e_margin = 0.4 * self.c
+        out = self.model(x)
+        e = ent(out)
+        ids1 = torch.where(e < e_margin)
+        ids2 = torch.where(ids1[0] > -0.1)
+        e = e[ids1]
+        if self.m is not None:
+            cos = F.cosine_similarity(self.m.unsqueeze(0), out[ids1].softmax(1), dim=1)
+            ids2 = torch.where(torch.abs(cos) < 0.05)
+            e = e[ids2]
+            new = out[ids1][ids2].softmax(1)
+        else:
+            new = out[ids1].softmax(1)
+        if new.size(0) > 0:
+            with torch.no_grad():
+                self.m = new.mean(0) if self.m is None else 0.9 * self.m + 0.1 * new.mean(0)
+        loss = e.mul(1 / torch.exp(e.clone().detach() - e_margin)).mean(0)
+        if self.fishers is not None:
+            ewc = 0
+            for name, p in self.net.named_parameters():
+                if name in self.fishers:
+                    ewc += 2000.0 * (self.fishers[name][0] * (p - self.fishers[name][1]) ** 2).sum()
+            loss += ewc
+        if x[ids1][ids2].size(0) != 0:
+            loss.backward()
+            self.opt.step()
+        self.opt.zero_grad()
+        return out
+
+
+class PlainSAR(Plain):
+    preset = "sar"
+
+    def __init__(self, clf, lr):
+        super().__init__(clf, lr)
+        self.ema = None
+        self.initial = copy.deepcopy(self.net.state_dict())
+
+    def __call__(self, x):
+        margin, rho = 0.4 * self.c, 0.05
+        self.opt.zero_grad()
+        out = self.model(x)
+        e = ent(out)
+        ids1 = torch.where(e < margin)
+        e[ids1].mean(0).backward()
+        ps = [p for _, p in self.params if p.grad is not None]
+        norm = torch.norm(torch.stack([p.grad.norm(p=2) for p in ps]), p=2)
+        old = {}
+        with torch.no_grad():
+            for p in ps:
+                old[p] = p.data.clone()
+                p.add_(p.grad * (rho / (norm + 1e-12)))
+        self.opt.zero_grad()
+        e2 = ent(self.model(x))[ids1]
+        loss2 = e2[torch.where(e2 < margin)].mean(0)
+        if not math.isnan(loss2.item()):
+            self.ema = loss2.item() if self.ema is None else 0.9 * self.ema + 0.1 * loss2.item()
+        loss2.backward()
+        for p in ps:
+            p.data = old[p]
+        self.opt.step()
+        self.opt.zero_grad()
+        if self.ema is not None and self.ema < 0.2:
+            self.net.load_state_dict(self.initial)
+        return out
+
+
+class PlainDeYO(Plain):
+    preset = "sar"
+
+    def __call__(self, x):
+        out = self.model(x)
+        self.opt.zero_grad()
+        e = ent(out)
+        ids1 = torch.where(e < 0.5 * self.c)
+        e = e[ids1]
+        if len(e) == 0:
+            return out
+        xp = x[ids1].detach()
+        n, ch, h, w = xp.shape
+        p = 4
+        tiles = xp.reshape(n, ch, p, h // p, p, w // p).permute(0, 2, 4, 1, 3, 5).reshape(n, p * p, ch, h // p, w // p)
+        perm = torch.argsort(torch.rand(n, p * p), dim=-1)
+        tiles = tiles[torch.arange(n).unsqueeze(-1), perm]
+        xp = tiles.reshape(n, p, p, ch, h // p, w // p).permute(0, 3, 1, 4, 2, 5).reshape(n, ch, h, w)
+        with torch.no_grad():
+            outp = self.model(xp)
+        prob, probp = out[ids1].softmax(1), outp.softmax(1)
+        cls = prob.argmax(dim=1).reshape(-1, 1)
+        plpd = (torch.gather(prob, 1, cls) - torch.gather(probp, 1, cls)).reshape(-1)
+        ids2 = torch.where(plpd > 0.2)
+        e = e[ids2]
+        if len(e) == 0:
+            return out
+        plpd = plpd[ids2]
+        coeff = 1 / torch.exp(e.clone().detach() - 0.4 * self.c) + 1 / torch.exp(-1.0 * plpd.clone().detach())
+        e.mul(coeff).mean(0).backward()
+        self.opt.step()
+        self.opt.zero_grad()
+        return out
+
+
+class PlainCrowds(Plain):
+    def __init__(self, clf, lr):
+        super().__init__(clf, lr)
+        self.net0 = copy.deepcopy(self.net)
+
+    def __call__(self, x):
+        p0 = self.net0((x - self.mean) / self.std).softmax(1)
+        v0, i0 = p0.max(1)
+        out = self.model(x)
+        v = out.softmax(1)[torch.arange(p0.size(0)), i0]
+        loss = ent(out)[v >= v0].mean(0)
+        pm = out.softmax(1).mean(0)
+        loss -= 0.5 * (-(pm * torch.log(pm)).sum())
+        loss.backward()
+        self.opt.step()
+        self.opt.zero_grad()
+        return out
+
+
+PLAIN = {"tent": PlainTent, "eta": PlainEATA, "eata": PlainEATA, "sar": PlainSAR, "deyo": PlainDeYO, "crowds": PlainCrowds}
+
+
+# ---------------------------------------------------------------- harness
+def build_net(name: str, num_classes: int, device: torch.device, size: int) -> nn.Module:
+    import timm
+
+    net = timm.create_model(name, pretrained=False, num_classes=num_classes).to(device)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        clf = load_classifier(net, pretrained=False)
+    clf.train()
+    from tta.models.params import use_batch_statistics
+
+    probe = copy.deepcopy(clf)
+    use_batch_statistics(probe)
+    with torch.no_grad():
+        logits = probe(torch.rand(32, 3, size, size, device=device, generator=torch.Generator(device).manual_seed(1)))
+    target, lo, hi = 0.4 * math.log(num_classes), 0.0, 1e4  # median entropy -> 0.4 ln C: half the samples pass
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if float(ent(logits * mid).median()) > target else (lo, mid)
+    head = clf.head()
+    with torch.no_grad():
+        head.weight.mul_(hi)
+        if head.bias is not None:
+            head.bias.mul_(hi)
+    return clf
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(step, xs, iters: int, warmup: int, device: torch.device, autocast=None) -> tuple[float, float | None]:
+    ctx = autocast or (lambda: torch.autocast(device.type, enabled=False))
+    for i in range(warmup):
+        with ctx():
+            step(xs[i % len(xs)])
+    sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
+    for i in range(iters):
+        with ctx():
+            step(xs[i % len(xs)])
+    sync(device)
+    elapsed = time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+    return iters * xs[0].shape[0] / elapsed, peak
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None, help="timm name (default: resnet50 on GPU, resnet18 on CPU)")
+    parser.add_argument("--batch-size", type=int, default=None, help="default 64 on GPU, 16 on CPU")
+    parser.add_argument("--iters", type=int, default=None, help="timed steps per method (default 30 GPU, 4 CPU)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 5 GPU, 1 CPU)")
+    parser.add_argument("--image-size", type=int, default=None, help="default 224 on GPU, 64 on CPU (ViTs: theirs)")
+    parser.add_argument("--num-classes", type=int, default=1000)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--amp", action="store_true", help="bf16 autocast (ours)")
+    parser.add_argument("--channels-last", action="store_true", help="channels_last (ours)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the network (ours)")
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
+    args = parser.parse_args()
+
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if args.device == "auto" else args.device))
+    gpu = device.type == "cuda"
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = args.model or ("resnet50" if gpu else "resnet18")
+    bs = args.batch_size or (64 if gpu else 16)
+    iters = args.iters or (30 if gpu else 4)
+    warmup = args.warmup if args.warmup is not None else (5 if gpu else 1)
+    size = args.image_size or (224 if gpu else 64)
+    torch.manual_seed(0)
+    base = build_net(model, args.num_classes, device, size)
+    if base.fixed_input_size and base.info.input_size:
+        size = base.info.input_size[0]
+    gen = torch.Generator(device).manual_seed(0)
+    xs = [torch.rand(bs, 3, size, size, device=device, generator=gen) for _ in range(4)]
+    fisher_batches = [torch.rand(bs, 3, size, size, device=device, generator=gen) for _ in range(2)]
+    amp = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if args.amp else None
+
+    rows = []
+    for name in [m.strip() for m in args.methods.split(",") if m.strip()]:
+        kwargs = {"fisher_data": fisher_batches} if name in ("eata", "eata_c") else {}
+        ours = methods.build(name, copy.deepcopy(base), batch_size=bs, **kwargs)
+        prepare(ours, device=device, channels_last=args.channels_last, compile=args.compile)
+        if hasattr(ours, "ensure_fisher"):
+            ours.ensure_fisher()  # not timed, as the plain loop's Fisher
+        inputs = [x.contiguous(memory_format=torch.channels_last) for x in xs] if args.channels_last else xs
+        ours_ips, ours_mem = measure(ours, inputs, iters, warmup, device, amp)
+        stats = ours.stats()["counters"]
+        kept = stats["kept"] / max(1, stats["samples"])
+        del ours
+        plain_ips = plain_mem = None
+        if name in PLAIN:
+            extra = {"fisher_data": fisher_batches} if name == "eata" else {}
+            lr = 1e-3 if name == "crowds" else methods.niu_learning_rate(
+                "vit" if base.fixed_input_size else "cnn", bs, name in ("sar", "deyo"))
+            plain = PLAIN[name](copy.deepcopy(base), lr, **extra)
+            plain_ips, plain_mem = measure(plain, xs, iters, warmup, device)
+            del plain
+        if gpu:
+            torch.cuda.empty_cache()
+        rows.append((name, ours_ips, ours_mem, plain_ips, plain_mem, kept))
+
+    def fmt(v, spec):
+        return "–" if v is None else format(v, spec)
+
+    flags = [f for f, on in (("bf16", args.amp), ("channels_last", args.channels_last), ("compile", args.compile)) if on]
+    dev = torch.cuda.get_device_name(device) if gpu else f"CPU ({torch.get_num_threads()} threads)"
+    print(f"\n{model} (random weights, head scaled), batch {bs}, {size}px, {iters} timed steps, {dev}; "
+          f"ours: {' + '.join(flags) or 'fp32 eager'}; official-style: fp32 eager\n")
+    print("| method | ours img/s | ours peak MiB | official-style img/s | official-style peak MiB | speed-up | kept (ours) |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for name, oi, om, pi, pm, kept in rows:
+        speed = None if pi is None else oi / pi
+        print(f"| {name} | {oi:,.0f} | {fmt(om, ',.0f')} | {fmt(pi, ',.0f')} | {fmt(pm, ',.0f')} | "
+              f"{fmt(speed, '.2f')}{'' if speed is None else '×'} | {kept:.0%} |")
+    if "eata_c" in [r[0] for r in rows]:
+        print("\neata_c has no official code (experimental): no official-style column.")
+
+
+if __name__ == "__main__":
+    main()
