@@ -71,8 +71,16 @@ def check_batch(x: torch.Tensor, channels: int = 3, nonfinite: str = "raise") ->
 
 
 def model_family(model: Classifier) -> str:
-    """``"vit"`` for transformer-style models, else ``"cnn"`` (picks the paper's learning-rate rule)."""
-    return "vit" if hasattr(model.net, "patch_embed") or hasattr(model.net, "blocks") else "cnn"
+    """``"vit"`` for transformer-style models, else ``"cnn"`` (picks the paper's learning-rate rule).
+
+    Looks for timm/torchvision ViT attributes; a CLIP model's image tower counts by its own type.
+    """
+    clip = getattr(model.net, "clip", None)
+    nets = [model.net, getattr(clip, "visual", None)]
+    for net in filter(None, nets):
+        if hasattr(net, "patch_embed") or hasattr(net, "blocks") or hasattr(net, "transformer"):
+            return "vit"
+    return "cnn"
 
 
 def niu_learning_rate(family: str, batch_size: int, double_at_bs1: bool) -> float:

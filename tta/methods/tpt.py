@@ -166,9 +166,6 @@ class TPT(Method):
             policy.reset()
         self.reset_state()
 
-    def set_extra_state(self, state: Any) -> None:
-        super().set_extra_state(state)
-
     # ------------------------------------------------------------------ the episodic loop
     def forward(self, x: torch.Tensor, ids: torch.Tensor | Sequence[int] | None = None,
                 domain: str | None = None) -> torch.Tensor:

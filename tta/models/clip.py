@@ -422,7 +422,7 @@ def parse_clip_spec(rest: str) -> tuple[str, str | None]:
         raise ValueError("empty CLIP spec: use clip:<arch>/<pretrained tag or checkpoint file>, e.g. clip:ViT-B-16/openai")
     arch, _, tag = rest.partition("/")
     head, _, tail = tag.partition("/")
-    if head and (head.isdigit() or head.split("@")[0].isdigit() or head.startswith(("14@", "16@"))):
+    if head and head.isdigit():
         arch, tag = f"{arch}-{head}", tail  # OpenAI spelling: ViT-B/16, ViT-L/14@336px
     return arch, (tag or None)
 
