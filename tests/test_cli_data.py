@@ -11,7 +11,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 
 from data_fixtures import WNIDS, make_cifar_c, make_cifar_npy, make_imagenet_c, make_imagenet_val
 

@@ -87,7 +87,8 @@ def sweep_table(records: list[dict[str, Any]], metric: str = "accuracy") -> str:
     header = "| run | " + " | ".join(short) + " | mean |"
     rows = [header, "|---|" + "---:|" * (len(domains) + 1)]
     first = records[0]["results"]
-    if metric == "accuracy" and "source_accuracy" in first["mean"]:
+    has_source_run = any(record.get("method", {}).get("method") == "source" for record in records)
+    if metric == "accuracy" and "source_accuracy" in first["mean"] and not has_source_run:
         cells = [_pct(first["domains"].get(d, {}).get("source_accuracy")) for d in domains]
         rows.append("| source | " + " | ".join(cells) + f" | {_pct(first['mean']['source_accuracy'])} |")
     for record in records:
