@@ -173,10 +173,10 @@ class _Timed:
     def __getattr__(self, name):
         return getattr(self.views, name)
 
-    def __call__(self, images, names):
+    def __call__(self, images, names, **kwargs):
         start = time.perf_counter()
         try:
-            return self.views(images, names)
+            return self.views(images, names, **kwargs)
         finally:
             self.total[0] += time.perf_counter() - start
 
@@ -215,8 +215,6 @@ def main(argv=None) -> list[dict]:
     args.repeats = args.repeats or (1 if args.full_size else 3)
     args.images = args.images or 4
     args.dtype = torch.float16 if device.type == "cuda" else torch.float32
-    if device.type == "cpu":
-        torch.set_num_threads(max(1, torch.get_num_threads()))
     rows: list[dict] = []
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:

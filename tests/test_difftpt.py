@@ -17,14 +17,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 from tiny_clip import build_tiny_clip, write_image_folder
 from tiny_diffusion import build_image_variation_pipeline
 from tta import methods, policies
-from tta.augment.diffusion import DiffusionViews
 from tta.augment.mixed_views import DiffusionViewGenerator, StreamImageNames, attach_diffusion_views
 from tta.augment.views import ViewGenerator, resize_center_crop
 from tta.policies.base import BatchContext
@@ -372,7 +370,8 @@ def run_cli(out: Path, *overrides: str) -> dict:
 
 def test_cli_end_to_end_second_run_generates_nothing(assets, tmp_path):
     args = (f"model={assets['spec']}", "method=difftpt", f"augment.diffusion.pipeline={assets['pipe']}",
-            "augment.diffusion.num_views=3", "augment.diffusion.steps=2", f"augment.diffusion.cache_dir={tmp_path / 'c'}",
+            "augment.diffusion.num_views=3", "augment.diffusion.steps=2",
+            f"augment.diffusion.cache_dir={tmp_path / 'c'}",
             "data=image_folder", f"data.root={assets['data']}", "data.subset=8", "data.resize=32", "data.crop=32",
             "method.num_views=7")
     first = run_cli(tmp_path / "a", *args)

@@ -219,7 +219,8 @@ def build_diffusion_views(cfg: dict[str, Any] | None, *, required: bool = False,
              "cache_dir", "device", "batch_size")
     unknown = sorted(set(cfg) - set(known))
     if unknown:
-        raise ValueError(f"unknown augment.diffusion option(s) {unknown}; known: pipeline, mode, dtype, {', '.join(known)}")
+        raise ValueError(f"unknown augment.diffusion option(s) {unknown}; "
+                         f"known: pipeline, mode, dtype, {', '.join(known)}")
     kwargs = {k: cfg[k] for k in known if k in cfg and (cfg[k] is not None or k == "cache_dir")}
     kwargs.setdefault("device", device)
     return DiffusionViews(pipeline or DEFAULT_PIPELINE, dtype=dtypes[dtype], progress=progress, **kwargs)
