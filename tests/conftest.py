@@ -12,6 +12,11 @@ import torch  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
-def _seed_everything():
+def _seed_and_one_thread():
+    """Seeded, and one intra-op thread: the test models are tiny, and on a shared 2-core machine
+    more threads mostly wait for each other (measured: a tiny diffusion test went from 99 s to 14 s)."""
     torch.manual_seed(0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     yield
+    torch.set_num_threads(threads)

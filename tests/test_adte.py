@@ -20,14 +20,6 @@ from tta.policies.tsallis import LabelBias, TsallisRanking, adte_score, minmax_q
 CLASSES = ["goldfish", "red fox", "tabby cat", "great white shark", "axolotl", "tench"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="session")
 def tiny_spec(tmp_path_factory) -> str:
     # logit scale 100 as OpenAI CLIP's, so that some images pass the gap >= 1.0 test

@@ -26,14 +26,6 @@ from tta.models.clip_templates import TIP_ADAPTER_7, get_templates
 CLASSES = ["red_fox", "tabby cat", "goldfish"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="session")
 def tiny_spec(tmp_path_factory) -> str:
     return build_tiny_clip(tmp_path_factory.mktemp("tiny_clip"))

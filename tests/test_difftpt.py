@@ -31,14 +31,6 @@ REPO = Path(__file__).resolve().parents[1]
 CLASSES = ["cat", "dog", "fish"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     root = tmp_path_factory.mktemp("difftpt")

@@ -26,15 +26,6 @@ SCRIPT = REPO / "scripts" / "generate_diffusion_views.py"
 NUM_VIEWS = 3
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: thread start-up and contention cost far more than the arithmetic."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="session")
 def variation_pipeline(tmp_path_factory) -> Path:
     return build_image_variation_pipeline(tmp_path_factory.mktemp("sd_image_variation"))

@@ -27,15 +27,6 @@ LR = 0.05
 NORM = (nn.BatchNorm2d, nn.LayerNorm, nn.GroupNorm)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: the models are tiny, and on a shared machine more threads only wait."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # ---------------------------------------------------------------- helpers written from METHODS.md
 def tiny(arch: str = "test_resnet", seed: int = 0, head_scale: float | None = None):
     head_scale = head_scale or (6.0 if arch == "test_resnet" else 20.0)

@@ -18,7 +18,7 @@ import copy
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
@@ -128,25 +128,34 @@ def _normalization(name_or_values: str | Sequence | None, default: tuple) -> tup
     return tuple(float(v) for v in mean), tuple(float(v) for v in std)
 
 
+def pretrained_or_random(load_pretrained: Callable[[], Any], load_random: Callable[[], Any], what: str,
+                         pretrained: str | bool, hint: str, notes: list[str]) -> tuple[Any, bool]:
+    """Published weights when they can be had; with ``pretrained="auto"`` a loud, recorded fallback
+    to random weights otherwise (``True``: an error). Returns (model, whether weights were loaded)."""
+    try:
+        return load_pretrained(), True
+    except Exception as err:  # noqa: BLE001 - offline, unknown tag, no weights published
+        if pretrained is True or pretrained == "true":
+            raise RuntimeError(f"could not load pretrained weights for {what}: {err}") from err
+        message = (f"pretrained weights for {what} are not available ({type(err).__name__}: "
+                   f"{str(err).splitlines()[0][:200]}); using RANDOM weights. {hint}")
+        warnings.warn(message, stacklevel=4)
+        notes.append(message)
+        return load_random(), False
+
+
 def _load_timm(name: str, pretrained: str | bool) -> tuple[nn.Module, str, list[str]]:
     import timm
 
     notes: list[str] = []
     if pretrained is False or pretrained == "false":
         return timm.create_model(name, pretrained=False), "random", notes
-    try:
-        net = timm.create_model(name, pretrained=True)
-        tag = getattr(net, "pretrained_cfg", {}).get("tag") or "default"
-        return net, f"pretrained:{tag}", notes
-    except Exception as err:  # noqa: BLE001 - offline, unknown tag, no weights published
-        if pretrained is True or pretrained == "true":
-            raise RuntimeError(f"could not load pretrained weights for timm model {name!r}: {err}") from err
-        message = (f"pretrained weights for timm:{name} are not available ({type(err).__name__}: "
-                   f"{str(err).splitlines()[0][:200]}); using RANDOM weights. Pass pretrained=true to make "
-                   f"this an error, or weights=<file> to load a local checkpoint.")
-        warnings.warn(message, stacklevel=3)
-        notes.append(message)
-        return timm.create_model(name, pretrained=False), "random", notes
+    net, loaded = pretrained_or_random(
+        lambda: timm.create_model(name, pretrained=True), lambda: timm.create_model(name, pretrained=False),
+        f"timm:{name}", pretrained, "Pass pretrained=true to make this an error, or weights=<file> to load a "
+        "local checkpoint.", notes)
+    tag = (getattr(net, "pretrained_cfg", {}).get("tag") or "default") if loaded else None
+    return net, f"pretrained:{tag}" if loaded else "random", notes
 
 
 def _timm_classifier(name: str, pretrained: str | bool) -> tuple[nn.Module, ModelInfo, bool]:

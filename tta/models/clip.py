@@ -46,7 +46,6 @@ head stays valid for them.
 from __future__ import annotations
 
 import os
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -55,7 +54,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .classifier import Classifier, ModelInfo
+from .classifier import Classifier, ModelInfo, pretrained_or_random
 from .clip_templates import get_templates
 from .params import BN_TYPES, NORM_TYPES, _sar_excludes
 
@@ -478,18 +477,12 @@ def create_open_clip(arch: str, tag: str | None, pretrained: str | bool = "auto"
         raise ValueError(f"unknown pretrained tag {tag!r} for open_clip {arch}; available: "
                          f"{open_clip.list_pretrained_tags_by_model(arch)} (or give a checkpoint file)")
     quick_gelu = bool(cfg.get("quick_gelu", False))
-    try:
-        model = open_clip.create_model(arch, pretrained=tag, force_quick_gelu=quick_gelu)
-        return model, f"pretrained:{tag}", notes
-    except Exception as err:  # noqa: BLE001 - offline or download failure
-        if pretrained is True or pretrained == "true":
-            raise RuntimeError(f"could not load open_clip {arch}/{tag}: {err}") from err
-        message = (f"pretrained weights open_clip {arch}/{tag} are not available ({type(err).__name__}: "
-                   f"{str(err).splitlines()[0][:200]}); using RANDOM weights. Pass model_pretrained=true to "
-                   f"make this an error, or clip:{arch}/<checkpoint file>.")
-        warnings.warn(message, stacklevel=3)
-        notes.append(message)
-        return open_clip.create_model(arch, pretrained=None, force_quick_gelu=quick_gelu), "random", notes
+    model, loaded = pretrained_or_random(
+        lambda: open_clip.create_model(arch, pretrained=tag, force_quick_gelu=quick_gelu),
+        lambda: open_clip.create_model(arch, pretrained=None, force_quick_gelu=quick_gelu),
+        f"open_clip {arch}/{tag}", pretrained,
+        f"Pass model_pretrained=true to make this an error, or clip:{arch}/<checkpoint file>.", notes)
+    return model, f"pretrained:{tag}" if loaded else "random", notes
 
 
 def load_clip_classifier(
