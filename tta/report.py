@@ -3,7 +3,7 @@
     python -m tta.report <sweep dir or run dirs...> [--out DIR] [--metric accuracy]
 
 finds every ``run.json`` below the given folders and writes one table (methods/policies x domains,
-mean last) as ``report.md`` and ``report.png``.
+mean last) as ``report.md``, and a bar chart of the means as ``report.png``.
 """
 from __future__ import annotations
 
@@ -98,6 +98,28 @@ def sweep_table(records: list[dict[str, Any]], metric: str = "accuracy") -> str:
     return "\n".join(rows)
 
 
+def sweep_chart(records: list[dict[str, Any]], path: Path, metric: str = "accuracy") -> None:
+    """One bar per run: the mean of ``metric`` over domains (with the source model first)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [run_label(r) for r in records]
+    values = [100 * r["results"]["mean"].get(metric, float("nan")) for r in records]
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.7 * len(labels)), 3.6))
+    ax.bar(range(len(labels)), values, color="#1f77b4")
+    first = records[0]["results"]["mean"]
+    if metric == "accuracy" and "source_accuracy" in first:
+        ax.axhline(100 * first["source_accuracy"], color="#9aa5b1", linestyle="--", label="source")
+        ax.legend(fontsize=8)
+    ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right", fontsize=8)
+    ax.set_ylabel(f"mean {metric}" + (" (%)" if metric in ("accuracy", "ece") else ""))
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m tta.report", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -110,8 +132,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     out = args.out or (args.paths[0] if args.paths[0].is_dir() else args.paths[0].parent)
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.md").write_text(table + "\n")
+    sweep_chart(records, out / "report.png", args.metric)
     print(table)
-    print(f"\nwrote {out / 'report.md'}")
+    print(f"\nwrote {out / 'report.md'} and {out / 'report.png'}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,25 @@
+"""A Hydra sweep over methods, merged into one table and figure by ``python -m tta.report``."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+
+@pytest.mark.slow
+def test_sweep_then_report(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    sweep = tmp_path / "sweep"
+    subprocess.run([sys.executable, "-m", "tta.run", "-m", "method=source,tent,eta", f"hydra.sweep.dir={sweep}",
+                    "progress=false", "data.corruptions=[gaussian_noise,snow]"],
+                   check=True, capture_output=True, env=env, timeout=600)
+    proc = subprocess.run([sys.executable, "-m", "tta.report", str(sweep)], capture_output=True, text=True,
+                          env=env, timeout=120, check=True)
+    table = (sweep / "report.md").read_text()
+    assert table.strip() == proc.stdout.split("\nwrote")[0].strip()
+    assert (sweep / "report.png").stat().st_size > 1000
+    rows = {line.split("|")[1].strip(): line for line in table.splitlines()[2:]}
+    assert set(rows) == {"source", "tent", "eta"}
+    assert table.splitlines()[0].startswith("| run | gaussian_noise | snow | mean |")
+    mean = {name: float(line.split("|")[-2]) for name, line in rows.items()}
+    assert mean["tent"] > mean["source"] + 15 and mean["eta"] > mean["source"] + 15
