@@ -103,6 +103,32 @@ def test_prompt_learner_starts_at_the_zero_shot_head(tiny_spec):
     assert sum(p.requires_grad for p in net.parameters()) == 1
 
 
+def test_prompt_learner_counts_context_words_as_tpt(tiny_spec):
+    """TPT: ``n_ctx = len(ctx_init.split(" "))`` and ``ctx = embedding[0, 1:1 + n_ctx]``; the prompt is
+    ``prefix + ctx + embedding[:, 1 + n_ctx:]``. "itap of a" is 3 words but 4 BPE tokens ("it", "ap"):
+    3 learnable vectors, the 4th token ("a") stays fixed in the suffix, in front of the class name."""
+    clf = load_clip_classifier(tiny_spec[5:], class_names=CLASSES, ctx_init="itap_of_a")
+    net = clf.net
+    init_tokens = net.tokenizer(["itap of a"])
+    assert int(init_tokens[0].argmax()) - 1 == 4  # 4 tokens between SOT and EOT
+    prompts = net.tokenizer([f"itap of a {n.replace('_', ' ')}." for n in CLASSES])
+    with torch.no_grad():
+        emb = net.clip.token_embedding(prompts)
+        expected_ctx = net.clip.token_embedding(init_tokens)[0, 1:4]
+    assert net.prompt.n_ctx == 3 and net.prompt.ctx.shape == expected_ctx.shape
+    torch.testing.assert_close(net.prompt.ctx.detach(), expected_ctx)
+    suffix = net.prompt.token_suffix
+    torch.testing.assert_close(suffix, emb[:, 4:4 + suffix.shape[1]])  # starts with the fixed token "a"
+    configure_model(net, "prompt", batch_stats=False)
+    with torch.no_grad():  # the initial prompt is the zero-shot head of the same sentence
+        frozen = F.normalize(net.clip.encode_text(prompts), dim=-1)
+        torch.testing.assert_close(net.text_features(), frozen, atol=1e-5, rtol=1e-5)
+    learn_all = load_clip_classifier(tiny_spec[5:], class_names=CLASSES, ctx_init="itap_of_a", ctx_tokens="all")
+    assert learn_all.net.prompt.n_ctx == 4  # the option: every token of ctx_init learns
+    with pytest.raises(ValueError, match="CLS"):
+        load_clip_classifier(tiny_spec[5:], class_names=CLASSES, ctx_init="a_photo_of_a_[CLS]")
+
+
 def test_parameter_presets(tiny_spec):
     clf = load_clip_classifier(tiny_spec[5:], class_names=CLASSES)
     ln = [n for n, _ in clf.net.adaptable_params("ln")]

@@ -515,3 +515,94 @@ def test_presets_and_learning_rates():
     assert methods.build("deyo", tiny(), batch_size=BS).params_preset == "sar"
     assert methods.build("eta", tiny(), batch_size=BS).params_preset == "norm"
     assert methods.build("crowds", tiny(), batch_size=BS).params_preset == "norm"
+
+
+# ---------------------------------------------------------------- composition details
+def test_extra_plpd_on_eata_is_a_filter_on_the_eata_selection():
+    """``build("eta", extra_policies=["plpd"])``: PLPD forwards the destroyed view of the samples EATA
+    kept (S1 and S2), drops those with PLPD <= tau, and leaves EATA's weights alone (no product
+    with DeYO's weights, which would scale the loss by ~exp(E0)); ``m`` moves before PLPD filters."""
+    tau, seed, frac = 0.05, 31, 0.8  # every stage keeps some and drops some: 48 -> 45 -> 16 -> 8
+    method, ref, params, opt = pair("eta", e_margin=frac, d_margin=0.6, extra_policies=["plpd"],
+                                    policy_kwargs={"plpd": {"seed": seed, "threshold": tau}})
+    assert method.policies[-1].reweight is False
+    gen = torch.Generator().manual_seed(seed)
+    e_margin = frac * math.log(C)
+    m, kept_plpd = None, 0
+    for x in batches(size=64):  # 64 px: a single kept image still has >1 value per BN channel
+        out = method(x)
+        z = ref(x)
+        e = ent(z)
+        ids1 = torch.where(e < e_margin)[0]
+        if m is not None:
+            cos = F.cosine_similarity(m.unsqueeze(0), z[ids1].softmax(1), dim=1)
+            ids2 = ids1[torch.where(torch.abs(cos) < 0.6)[0]]
+        else:
+            ids2 = ids1
+        new = z[ids2].softmax(1).detach()
+        if new.shape[0] > 0:
+            m = new.mean(0) if m is None else 0.9 * m + 0.1 * new.mean(0)
+        ids3 = ids2[:0]
+        if len(ids2):
+            perm = torch.rand((len(ids2), 16), generator=gen).argsort(dim=-1)
+            with torch.no_grad():
+                zp = ref(official_patch(x[ids2], perm))
+            p, pp = z[ids2].softmax(1), zp.softmax(1)
+            cls = p.argmax(1, keepdim=True)
+            plpd = (p.gather(1, cls) - pp.gather(1, cls)).reshape(-1)
+            ids3 = ids2[torch.where(plpd > tau)[0]]
+        kept_plpd += len(ids3)
+        if len(ids3):
+            (e[ids3] / torch.exp(e[ids3].detach() - e_margin)).mean(0).backward()
+            opt.step()
+        opt.zero_grad()
+        torch.testing.assert_close(out, z.detach(), atol=1e-5, rtol=1e-5)
+        assert_same_params(method, params)
+    pol = method.stats()["policies"]
+    assert 0 < kept_plpd < pol["plpd_seen"] == pol["redundancy_kept"] < pol["entropy_margin_kept"] < 3 * BS
+    assert pol["plpd_kept"] == kept_plpd
+    # DeYO's weights on request
+    again = methods.build("eta", tiny(), batch_size=BS, extra_policies=["plpd"],
+                          policy_kwargs={"plpd": {"reweight": True}})
+    assert again.policies[-1].reweight is True
+    # DeYO's own PLPD keeps its weights
+    assert methods.build("deyo", tiny(), batch_size=BS).policies[-1].reweight is True
+
+
+def test_repeated_policy_names_get_their_own_counters():
+    """A second ``entropy_margin`` must not add into the first one's counts (EATA's num_samples_update_1)."""
+    method = methods.build("eta", tiny(), batch_size=BS, lr=LR, extra_policies=["entropy_margin"],
+                           policy_kwargs={"entropy_margin": {"fraction": 0.2}})
+    x = batches(1)[0]
+    with torch.no_grad():
+        e = ent(copy.deepcopy(method.model)(x))
+    method(x)
+    pol = method.stats()["policies"]
+    assert method.policy_keys == ["entropy_margin", "redundancy", "eata_weight", "entropy_margin_2"]
+    assert pol["entropy_margin_seen"] == BS and pol["entropy_margin_kept"] == int((e < 0.4 * math.log(C)).sum())
+    assert pol["entropy_margin_2_kept"] == int((e < 0.2 * math.log(C)).sum())
+    assert 0 < pol["entropy_margin_2_kept"] < pol["entropy_margin_kept"]
+
+
+@pytest.mark.parametrize("name,extra", [("crowds", []), ("sar", ["crowds"]), ("tent", ["entropy_margin", "crowds"])])
+def test_the_frozen_source_model_moves_with_the_method(name, extra):
+    method = methods.build(name, tiny(), batch_size=BS, lr=LR, extra_policies=extra)
+    method.double()
+    assert next(method.source[0].parameters()).dtype == torch.float64
+    assert "source" not in " ".join(method.state_dict())  # still not a submodule
+    out = method(batches(1)[0].double())
+    assert out.dtype == torch.float64 and torch.isfinite(out).all()
+
+
+def test_eta_reset_restores_weights_and_optimizer_but_keeps_m():
+    method = methods.build("eta", tiny(), batch_size=BS, lr=LR, d_margin=0.6)
+    initial = {k: v.clone() for k, v in method.model.state_dict().items()}
+    for x in batches(2):
+        method(x)
+    red = method.policies[1]
+    m = red.m.clone()
+    assert bool(red.m_exists) and momentum_of(method)
+    method.reset()
+    for k, v in method.model.state_dict().items():
+        assert torch.equal(v, initial[k]), k
+    assert momentum_of(method) == [] and bool(red.m_exists) and torch.equal(red.m, m)

@@ -193,10 +193,30 @@ def test_patch_shuffle_permutes_tiles_per_image_and_is_seeded():
 
 
 def test_pixel_shuffle_shares_one_permutation():
+    # DeYO's pixel transform: one ``torch.randperm(H*W)`` for the whole batch (not argsort of noise)
     x = torch.rand(3, 3, 6, 6)
     out = pixel_shuffle(x, torch.Generator().manual_seed(3))
-    perm = torch.rand(36, generator=torch.Generator().manual_seed(3)).argsort()
+    perm = torch.randperm(36, generator=torch.Generator().manual_seed(3))
     assert torch.equal(out, x.flatten(2)[:, :, perm].view_as(x))
+
+
+def test_destroying_transforms_draw_from_the_global_cpu_rng_like_deyo():
+    """Default (no seed): the official calls on the global CPU RNG, so ``torch.manual_seed``
+    reproduces DeYO's draws: ``argsort(torch.rand(N, P*P))`` (patch), ``torch.randperm(H*W)`` (pixel)."""
+    x = torch.rand(4, 3, 16, 16)
+    torch.manual_seed(17)
+    patch, pixel = patch_shuffle(x, 4), pixel_shuffle(x)
+    torch.manual_seed(17)
+    perm = torch.argsort(torch.rand(4, 16), dim=-1)
+    pix = torch.randperm(16 * 16)
+    tiles = x.reshape(4, 3, 4, 4, 4, 4).permute(0, 2, 4, 1, 3, 5).reshape(4, 16, 3, 4, 4)
+    expected = tiles[torch.arange(4).unsqueeze(-1), perm].reshape(4, 4, 4, 3, 4, 4).permute(0, 3, 1, 4, 2, 5)
+    assert torch.equal(patch, expected.reshape(4, 3, 16, 16))
+    assert torch.equal(pixel, x.flatten(2)[:, :, pix].view_as(x))
+    # the policy with a seed owns one CPU generator: the same draws for every device it is asked about
+    policy = PLPD(seed=5)
+    assert policy.generator(torch.device("cpu")) is policy.generator(torch.device("meta"))
+    assert policy.generator(torch.device("meta")).device.type == "cpu"
 
 
 def test_occlusion_window_scales_with_the_image():

@@ -103,7 +103,12 @@ def test_marginal_entropy_and_selection_match_tpt():
 
 def test_one_image_matches_the_official_step(tiny_spec):
     method = make_tpt(tiny_spec, num_views=20)
-    assert method.optimizer.param_groups[0]["lr"] == 5e-3 and method.optimizer.param_groups[0]["weight_decay"] == 0.01
+    group = method.optimizer.param_groups[0]
+    assert isinstance(method.optimizer, torch.optim.AdamW)  # torch.optim.AdamW(params, lr): PyTorch's defaults
+    assert group["lr"] == 5e-3 and group["weight_decay"] == 0.01 and group["betas"] == (0.9, 0.999)
+    assert group["eps"] == 1e-8 and not group["amsgrad"]
+    assert method.steps == 1 and method.selection == 0.1 and method.num_views == 20
+    assert make_tpt(tiny_spec).num_views == 64 and float(method.scaler.scale) == 1000.0
     x = torch.rand(1, 3, 32, 32)
     views = method.views(x, ids=[7])[0]
     ours = method(x, ids=[7])
@@ -125,6 +130,24 @@ def test_one_image_matches_the_official_step(tiny_spec):
     counters = method.stats()["counters"]
     assert counters["views"] == 20 and counters["text_forwards"] == 2 and counters["steps"] == 1
     assert counters["forwards"] == 1  # view 0's features are reused for the prediction
+
+
+def test_several_steps_reuse_the_first_selection_as_tpt(tiny_spec):
+    """``tta_steps`` > 1: the views kept at the first step are reused, AdamW's state carries over
+    between the steps of one image, and the prediction uses the prompt after the last step."""
+    method = make_tpt(tiny_spec, num_views=30, steps=3)
+    x = torch.rand(1, 3, 32, 32)
+    views = method.views(x, ids=[5])[0]
+    ours = method(x, ids=[5])
+    clip = load_clip_classifier(tiny_spec[5:], class_names=CLASSES).net
+    official = OfficialPromptCLIP(clip.clip.requires_grad_(False), clip.tokenizer, CLASSES)
+    optimizer = torch.optim.AdamW([official.ctx], 5e-3)
+    expected, selected, _ = official_tpt(official, views, optimizer, optimizer.state_dict(),
+                                         torch.amp.GradScaler("cpu", init_scale=1000), steps=3)
+    assert len(selected) == 3 and int(optimizer.state[official.ctx]["step"]) == 3
+    torch.testing.assert_close(method.model.net.prompt.ctx.detach(), official.ctx.detach(), atol=5e-6, rtol=0)
+    torch.testing.assert_close(ours, expected, atol=1e-4, rtol=1e-4)
+    assert method.stats()["counters"]["steps"] == 3
 
 
 def test_episodic_reset_and_the_scaler_that_is_not_reset(tiny_spec):

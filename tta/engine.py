@@ -27,6 +27,16 @@ def _autocast(device: torch.device, amp: bool):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
+def peak_memory_mb(device: torch.device) -> dict[str, float]:
+    """Peak memory: the GPU allocator's peak on CUDA, and the process's peak resident set size."""
+    import resource
+
+    out = {"process_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}  # KiB on Linux
+    if device.type == "cuda":
+        out["cuda_allocated"] = torch.cuda.max_memory_allocated(device) / 2**20
+    return out
+
+
 def check_labels(labels: torch.Tensor, num_classes: int, open_set: bool = False) -> None:
     """Labels must be integers in [0, C) (-1 marks out-of-distribution samples in open-set streams).
 
@@ -131,5 +141,5 @@ def run(
         "stats": method.stats(),
         "order_hash": order.hexdigest(),
         "wall_time_s": wall,
-        "peak_memory_mb": (torch.cuda.max_memory_allocated(device) / 2**20) if device.type == "cuda" else None,
+        "peak_memory_mb": peak_memory_mb(device),
     }

@@ -97,11 +97,29 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def build_classifier(cfg: dict[str, Any], data: dict[str, Any], num_classes: int):
+    """The model the command line names (or the data config's default), with the dataset's head."""
+    from .models.classifier import load_classifier
+
+    spec = cfg.get("model") or data.get("model")
+    if not spec:
+        raise ValueError(f"data config {data['name']!r} names no default model: pass model=<spec>")
+    if isinstance(spec, str) and spec.startswith("clip:"):  # CLIP: the text head needs the class names
+        from .data.folders import clip_class_names
+        from .models.clip import load_clip_classifier
+
+        return load_clip_classifier(spec[5:], num_classes=num_classes, weights=cfg.get("model_weights"),
+                                    class_names=clip_class_names(data), templates=data.get("templates") or "single",
+                                    pretrained=cfg.get("model_pretrained", "auto"))
+    return load_classifier(spec, num_classes=num_classes, weights=cfg.get("model_weights"),
+                           pretrained=cfg.get("model_pretrained", "auto"),
+                           normalization=cfg.get("normalization", "weights"))
+
+
 def execute(cfg: dict[str, Any], out_dir: Path) -> dict[str, Any]:
     """Run one configuration (a plain dict) and write its outputs; returns the run record."""
     from . import engine
     from .data.benchmarks import build_stream, num_classes_of
-    from .models.classifier import load_classifier
     from .record import build_record, write_json
     from .report import bar_chart, domain_table
 
@@ -110,36 +128,22 @@ def execute(cfg: dict[str, Any], out_dir: Path) -> dict[str, Any]:
     data = dict(cfg["data"])
     method_cfg = dict(cfg["method"])
     method_name = method_cfg.pop("name")
-    spec = cfg.get("model") or data.get("model")
-    if not spec:
-        raise ValueError(f"data config {data['name']!r} names no default model: pass model=<spec>")
     num_classes = num_classes_of(data)
-    if isinstance(spec, str) and spec.startswith("clip:"):  # CLIP: the text head needs the class names
-        from .data.folders import clip_class_names
-        from .models.clip import load_clip_classifier
-
-        classifier = load_clip_classifier(spec[5:], num_classes=num_classes, weights=cfg.get("model_weights"),
-                                          class_names=clip_class_names(data), templates=data.get("templates") or "single",
-                                          pretrained=cfg.get("model_pretrained", "auto"))
-    else:
-        classifier = load_classifier(spec, num_classes=num_classes, weights=cfg.get("model_weights"),
-                                     pretrained=cfg.get("model_pretrained", "auto"),
-                                     normalization=cfg.get("normalization", "weights"))
+    classifier = build_classifier(cfg, data, num_classes)
     source = copy.deepcopy(classifier) if cfg.get("source_accuracy", True) else None
-    stream, engine_options = build_stream(data, setting=dict(cfg["setting"]), severity=cfg.get("severity"),
-                                          seed=cfg["seed"], batch_size=cfg.get("batch_size"), device=device,
-                                          shuffle=cfg.get("shuffle", True), max_samples=cfg.get("max_samples"),
-                                          on_bad_image=cfg.get("on_bad_image"))
+    def make_stream(shuffle: bool):
+        return build_stream(data, setting=dict(cfg["setting"]), severity=cfg.get("severity"), seed=cfg["seed"],
+                            batch_size=cfg.get("batch_size"), device=device, shuffle=shuffle,
+                            max_samples=cfg.get("max_samples"), on_bad_image=cfg.get("on_bad_image"))
+
+    stream, engine_options = make_stream(cfg.get("shuffle", True))
     if takes_keyword(method_name, "fisher_data") and not method_cfg.get("fisher_path"):
         method_cfg["fisher_data"] = fisher_data(data, cfg["seed"])
     method = methods.build(method_name, classifier, num_classes=num_classes, batch_size=stream.batch_size,
                            extra_policies=list(cfg["policies"]["extra"] or []),
                            policy_kwargs=dict(cfg["policies"].get("kwargs") or {}), **method_cfg)
     if getattr(method, "wants_prepass_data", False):  # ADTE's transductive pre-pass: the same data, unshuffled
-        method.set_prepass_data(lambda: build_stream(
-            data, setting=dict(cfg["setting"]), severity=cfg.get("severity"), seed=cfg["seed"],
-            batch_size=cfg.get("batch_size"), device=device, shuffle=False, max_samples=cfg.get("max_samples"),
-            on_bad_image=cfg.get("on_bad_image"))[0])
+        method.set_prepass_data(lambda: make_stream(False)[0])
     from .augment.mixed_views import attach_diffusion_views
 
     diffusion_record = attach_diffusion_views(method, (cfg.get("augment") or {}).get("diffusion"), stream,

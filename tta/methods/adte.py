@@ -11,7 +11,9 @@ View scores (``score``):
 
 * ``adte`` (default): ``s_v = sum_c p_{v,c}^{q_c} / (1 - q_c)`` with a class-specific Tsallis index
   ``q_c`` from the estimated label bias ``b`` (exactly the released formula);
-* ``tsallis``: one index ``q`` (``--same_q``; ``tsallis_q=0.1`` as ``--scale_w 0.1``):
+* ``tsallis``: one index ``q`` (``--use_adte --same_q --scale_w 0.1``; the official score needs
+  ``--use_adte``: the README's "Tsallis Entropy" command, without it, ranks by Shannon entropy;
+  ``tsallis_q=0.1`` is the README value, the argparse default of ``--scale_w`` is 0.5):
   ``(1 - sum_c p_c^q) / (q - 1)``;
 * ``shannon``: ``-sum_c p_c log(p_c + 1e-8)`` (ZERO / ADTE without ``--use_adte``).
 
@@ -35,8 +37,11 @@ The label bias (``bias``):
 * ``online``: the memory is filled from the stream itself, image by image, and the bias is
   recomputed after each image (``update_every``). It works from the first sample: until the memory
   holds ``min_entries`` entries the bias is uniform (``b = 0``, so every ``q_c = 0.01``, the
-  official min-max map of a flat bias). The released online path never sets ``q_c`` and divides by
-  ``1 - 1 = 0``; this one does not. The online estimate restarts at every domain change.
+  official min-max map of a flat bias). The released online path (``pre_compute_q=0``) never sets
+  ``q_c`` and divides by ``1 - 1 = 0``; this one does not, and it uses the pre-pass settings (20
+  slots, gap ``>= 1.0``, normalised power iteration) where the released per-sample code has 10
+  slots, gap ``> 1``, no normalisation and a uniform bias until 100 entries (``min_entries=100``
+  ``memory_size=10`` come close). The online estimate restarts at every domain change.
 * ``uniform``: no bias estimate (``b = 0``).
 
 No backpropagation; the CLIP head is the frozen template head (``templates``: ``single`` = "a photo

@@ -17,7 +17,7 @@ from ..models.classifier import Classifier, load_classifier
 from ..models.params import configure_model, has_batchnorm
 from ..objectives.entropy import weighted_mean
 from ..objectives.update import GuardedStep
-from ..policies import Policy
+from ..policies import POLICIES, Policy
 from ..policies import build as build_policy
 from ..policies.base import BatchContext
 
@@ -126,7 +126,12 @@ class Method(nn.Module):
         momentum, weight_decay: optimizer settings.
         steps: optimisation steps per batch.
         episodic: reset to the source state before every batch.
-        extra_policies: policy names (or built policies) applied after the method's own.
+        extra_policies: policy names (or built policies) applied after the method's own. Each
+            policy sees the samples still alive; the weights multiply, and the loss is the mean over
+            the samples with a non-zero weight. A policy built by name takes its class's
+            ``extra_defaults`` (``plpd``: a pure filter, ``reweight=False``, so DeYO's weights do
+            not multiply e.g. EATA's); ``policy_kwargs`` override them. A policy that needs the
+            frozen source model (``crowds``) makes the method keep one (moved with the method).
         policy_kwargs: keyword arguments for extra policies, by name.
         nonfinite: ``"raise"`` (default) or ``"skip"`` for batches with NaN/Inf.
     """
@@ -161,7 +166,9 @@ class Method(nn.Module):
         self.param_names = [n for n, _ in named]
         policy_kwargs = policy_kwargs or {}
         own = list(self.default_policies())
-        extra = [p if isinstance(p, Policy) else build_policy(p, num_classes=self.num_classes, **policy_kwargs.get(p, {}))
+        extra = [p if isinstance(p, Policy) else
+                 build_policy(p, num_classes=self.num_classes,
+                              **{**getattr(POLICIES.get(p), "extra_defaults", {}), **policy_kwargs.get(p, {})})
                  for p in extra_policies]
         self.policies = nn.ModuleList(own + extra)
         self.source = None
@@ -174,8 +181,29 @@ class Method(nn.Module):
         self.update = GuardedStep(self.optimizer) if self.optimizer else None
         names = ["batches", "samples", "forwards", "backwards", "steps", "kept", "skipped_empty", "skipped_nonfinite"]
         self.counters = Counters(names)
-        self.policy_counters = Counters([f"{p.name}_{what}" for p in self.policies for what in ("seen", "kept")])
+        self.policy_counters = Counters([f"{k}_{what}" for k in self.policy_keys for what in ("seen", "kept")])
         self._initial_state = self._capture_state()
+
+    @property
+    def policy_keys(self) -> list[str]:
+        """Counter key of each policy: its name, suffixed ``_2``, ``_3``, ... when a name repeats (e.g. a
+        second ``entropy_margin``), so the official counts (EATA's ``num_samples_update_1/2``) stay
+        separate. Derived from the current ``policies`` (subclasses may replace the list)."""
+        keys: list[str] = []
+        for policy in self.policies:
+            key, k = policy.name, 2
+            while key in keys:
+                key, k = f"{policy.name}_{k}", k + 1
+            keys.append(key)
+        return keys
+
+    def _apply(self, fn, *args, **kwargs):
+        """``.to()``/``.cuda()``/``.double()`` also move the frozen source model (held in a list so
+        that it is not a submodule: not in ``state_dict``, not in ``parameters()``)."""
+        out = super()._apply(fn, *args, **kwargs)
+        for source in getattr(self, "source", None) or ():
+            source._apply(fn, *args, **kwargs)
+        return out
 
     # ------------------------------------------------------------------ recipe hooks
     def default_policies(self) -> list[Policy]:
@@ -215,11 +243,11 @@ class Method(nn.Module):
     def select(self, ctx: BatchContext) -> torch.Tensor:
         """Multiply the policies' weights; each policy sees which samples are still alive."""
         weights = torch.ones(ctx.batch_size, device=ctx.logits.device)
-        for policy in self.policies:
+        for key, policy in zip(self.policy_keys, self.policies):
             alive = weights > 0
             weights = weights * policy(ctx, alive)
-            self.policy_counters.add(f"{policy.name}_seen", alive.sum())
-            self.policy_counters.add(f"{policy.name}_kept", (weights > 0).sum())
+            self.policy_counters.add(f"{key}_seen", alive.sum())
+            self.policy_counters.add(f"{key}_kept", (weights > 0).sum())
         return weights
 
     def adapt(self, x: torch.Tensor) -> torch.Tensor:

@@ -41,7 +41,11 @@ class Tent(Method):
     (``params="norm"``: all BN/LN/GN affine, so ViTs and GN models work); ``params="bn"`` is the
     original Tent (BN only). Optimizer: SGD, momentum 0.9, lr by the SAR/EATA ImageNet rule
     (2.5e-4 at bs 64 for ResNets, 1e-3 at bs 64 for ViTs); Tent's CIFAR-10-C config uses
-    ``optimizer="adam", lr=1e-3``.
+    ``optimizer="adam", lr=1e-3``. ``steps > 1`` returns the last step's logits, as the official loop.
+
+    Deviation (all methods): the official Tent has no guard, so a non-finite loss or gradient
+    corrupts the weights; here such a step is undone on the device and counted in
+    ``skipped_nonfinite`` (finite batches are unaffected).
     """
 
     paper = "Wang et al., ICLR 2021 (DequanWang/tent)"

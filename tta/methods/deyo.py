@@ -33,8 +33,15 @@ class DeYO(Method):
     Defaults: parameters ``sar`` (as DeYO's ``collect_params``); lr by the SAR/DeYO rule, doubled at
     bs 1; no EMA, no reset, no Fisher. ``filter_ent=False``/``filter_plpd=False`` drop a filter
     (the official flags); ``reweight_ent``/``reweight_plpd`` the weight terms. ``transform_seed`` gives the
-    destroying transform its own generator (default: the global RNG, as the official code).
-    Waterbirds / ColoredMNIST settings (``lr_mul`` 5, other margins) are not defaults.
+    destroying transform its own CPU generator (default: the global CPU RNG with the official calls,
+    ``torch.rand(N, 16).argsort(-1)`` for ``patch`` and ``torch.randperm(H*W)`` for ``pixel``, on
+    any device). Waterbirds / ColoredMNIST settings (``lr_mul`` 5, other margins) are not defaults.
+
+    Documented deviations, none of which changes anything on 224-px square inputs (ImageNet-C):
+    ``occ`` scales its 112-px window at (56, 56) with the image (the official slice is absolute, so
+    on 32-px images it would occlude nothing); ``patch`` resizes each side on its own for sides not
+    divisible by ``patch_len`` (the official code squares the image) with antialiasing (torchvision
+    >= 0.17's tensor default; the pinned torchvision 0.11 did not antialias).
     """
 
     paper = "Lee et al., ICLR 2024 (Jhyun17/DeYO)"

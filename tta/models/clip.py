@@ -146,18 +146,35 @@ class PromptLearner(nn.Module):
     4 vectors), or randomly (std 0.02, ``n_ctx`` vectors) when ``ctx_init`` is empty. The prompt
     of class ``k`` is ``[SOT] ctx_1..ctx_n <tokens of "{name}."> [EOT]``, stored cut after the
     longest EOT position when the tower is causal.
+
+    As in TPT (``n_ctx = len(ctx_init.split(" "))``), ``n_ctx`` is the number of *words* of
+    ``ctx_init`` (underscores read as spaces), and the context is the embeddings of its first
+    ``n_ctx`` tokens. For an initialisation whose words are single BPE tokens ("a photo of a") that
+    is all of it; for one with a multi-token word ("itap of a": 3 words, 4 tokens) the remaining
+    tokens stay fixed in front of the class name, exactly as the official code builds the prompt.
+    ``ctx_tokens="all"`` (an option, off by default) learns every token of ``ctx_init`` instead.
+    TPT's class token in the middle (``[CLS]`` inside ``ctx_init``) is not supported.
     """
 
+    CTX_TOKENS = ("words", "all")
+
     def __init__(self, tower: TextTower, tokenizer: Callable, class_names: Sequence[str],
-                 ctx_init: str | None = DEFAULT_CTX_INIT, n_ctx: int = 4, truncate: bool = True):
+                 ctx_init: str | None = DEFAULT_CTX_INIT, n_ctx: int = 4, truncate: bool = True,
+                 ctx_tokens: str = "words"):
         super().__init__()
+        if ctx_tokens not in self.CTX_TOKENS:
+            raise ValueError(f"ctx_tokens must be one of {self.CTX_TOKENS}, not {ctx_tokens!r}")
         embedding = tower.token_embedding
         device = embedding.weight.device
         with torch.no_grad():
             if ctx_init:
                 init = ctx_init.replace("_", " ")
+                if "[CLS]" in init:
+                    raise ValueError("a class token inside ctx_init ('[CLS]', TPT's 'middle' position) is not supported")
                 init_tokens = tokenizer([init]).to(device)
-                n_ctx = int(tower.pool_index(init_tokens)[0]) - 1  # tokens between SOT and EOT
+                n_tokens = int(tower.pool_index(init_tokens)[0]) - 1  # tokens between SOT and EOT
+                # TPT: n_ctx = len(ctx_init.split(" ")) words (never more than the tokens there are)
+                n_ctx = n_tokens if ctx_tokens == "all" else min(len(init.split(" ")), n_tokens)
                 ctx = embedding(init_tokens)[0, 1:1 + n_ctx].clone()
                 prefix_text = init
             else:
@@ -206,6 +223,8 @@ class ClipNet(nn.Module):
         class_names: one name per class, in label order.
         templates: prompt templates of the frozen head (``single``, ``imagenet80``, ``tip7`` or a list).
         ctx_init, n_ctx: prompt learner initialisation (TPT: "a photo of a", 4).
+        ctx_tokens: ``words`` (TPT: one learnable vector per word of ``ctx_init``) or ``all`` (every
+            token of it); see :class:`PromptLearner`.
         text_batch: prompts encoded at once when building the frozen head.
         truncate: cut prompts after the longest EOT position (identical features, faster).
     """
@@ -214,13 +233,13 @@ class ClipNet(nn.Module):
 
     def __init__(self, clip: nn.Module, tokenizer: Callable, class_names: Sequence[str],
                  templates: str | Sequence[str] = "single", ctx_init: str | None = DEFAULT_CTX_INIT,
-                 n_ctx: int = 4, text_batch: int = 1000, truncate: bool = True):
+                 n_ctx: int = 4, text_batch: int = 1000, truncate: bool = True, ctx_tokens: str = "words"):
         super().__init__()
         self.clip = clip
         self.tokenizer = tokenizer
         self.text_batch = text_batch
         self.truncate = truncate
-        self.ctx_init, self.n_ctx = ctx_init, n_ctx
+        self.ctx_init, self.n_ctx, self.ctx_tokens = ctx_init, n_ctx, ctx_tokens
         self.text_mode = "frozen"
         self.register_buffer("frozen_text", None, persistent=False)
         self.prompt: PromptLearner | None = None
@@ -235,7 +254,7 @@ class ClipNet(nn.Module):
             self.class_names = [str(n) for n in class_names]
             tower = text_tower(self.clip)  # a new prompt learner: rebuild a method that tunes the old one
             self.prompt = (PromptLearner(tower, self.tokenizer, self.class_names, self.ctx_init, self.n_ctx,
-                                         self.truncate) if tower is not None else None)
+                                         self.truncate, self.ctx_tokens) if tower is not None else None)
         if templates is not None:
             self.templates = get_templates(templates)
             self.template_spec = templates if isinstance(templates, str) else "custom"
@@ -496,6 +515,7 @@ def load_clip_classifier(
     tokenizer: Callable | None = None,
     ctx_init: str | None = DEFAULT_CTX_INIT,
     n_ctx: int = 4,
+    ctx_tokens: str = "words",
     truncate: bool = True,
     device: str | torch.device | None = None,
 ) -> ClipClassifier:
@@ -509,7 +529,8 @@ def load_clip_classifier(
         templates: frozen-head prompt templates: ``single``, ``imagenet80``, ``tip7`` or a list.
         pretrained: ``auto`` / ``True`` / ``False``, as in :func:`~tta.models.load_classifier`.
         tokenizer: for a model object (default: the arch's open_clip tokenizer, else CLIP's BPE).
-        ctx_init, n_ctx: prompt learner initialisation; truncate: EOT truncation of prompts.
+        ctx_init, n_ctx, ctx_tokens: prompt learner initialisation (:class:`PromptLearner`);
+        truncate: EOT truncation of prompts.
     """
     from .clip_classnames import IMAGENET_CLASSES
 
@@ -542,7 +563,8 @@ def load_clip_classifier(
     clip.eval()
     tokenizer = tokenizer or _tokenizer_for(arch, clip)
     mean, std, size = _preprocess_of(clip)
-    net = ClipNet(clip, tokenizer, class_names, templates, ctx_init=ctx_init, n_ctx=n_ctx, truncate=truncate)
+    net = ClipNet(clip, tokenizer, class_names, templates, ctx_init=ctx_init, n_ctx=n_ctx, truncate=truncate,
+                  ctx_tokens=ctx_tokens)
     notes.append(f"head: {len(class_names)} classes, templates {net.template_spec!r}")
     info = ModelInfo(spec_name, "open_clip", label, mean, std, size, num_classes=len(class_names), notes=notes)
     return ClipClassifier(net, info)

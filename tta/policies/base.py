@@ -81,6 +81,9 @@ class Policy(nn.Module):
     name: str = "policy"
     #: the signals a policy needs from the method ("source" = a frozen source model)
     needs: tuple[str, ...] = ()
+    #: constructor defaults used when a method builds the policy by name as an *extra* policy
+    #: (``extra_policies=[name]``); ``policy_kwargs`` override them
+    extra_defaults: dict[str, Any] = {}
 
     def forward(self, ctx: BatchContext, alive: torch.Tensor) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError

@@ -34,13 +34,26 @@ AUG_TYPES = ("patch", "pixel", "occ")
 OCC_REFERENCE_SIZE = 224
 
 
-def _rand(shape: tuple[int, ...], device: torch.device, generator: torch.Generator | None) -> torch.Tensor:
-    return torch.rand(shape, device=device, generator=generator)
+def _to(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small CPU index tensor to ``device`` (pageable source: staged copy, no stream sync)."""
+    return t if t.device == device else t.to(device, non_blocking=True)
+
+
+def _tile_permutations(n: int, tiles: int, device: torch.device, generator: torch.Generator | None) -> torch.Tensor:
+    """DeYO's ``torch.argsort(torch.rand(n, tiles), dim=-1)``: drawn on the CPU (the global CPU RNG
+    unless ``generator``, a CPU generator, is given), as the official code, whatever the images' device."""
+    return _to(torch.rand((n, tiles), generator=generator).argsort(dim=1), device)
+
+
+def _pixel_permutation(count: int, device: torch.device, generator: torch.Generator | None) -> torch.Tensor:
+    """DeYO's ``torch.randperm(H * W)``, drawn on the CPU as the official code."""
+    return _to(torch.randperm(count, generator=generator), device)
 
 
 def patch_shuffle(x: torch.Tensor, patch_len: int = 4, generator: torch.Generator | None = None) -> torch.Tensor:
     """Cut each image into a ``patch_len x patch_len`` grid and permute its tiles at random, with an
-    independent permutation per image (DeYO's ``patch``: ``argsort`` of uniform noise).
+    independent permutation per image (DeYO's ``patch``: ``argsort`` of ``torch.rand(N, P*P)``,
+    drawn on the CPU as the official code; ``generator`` must then be a CPU generator).
 
     When a side is not a multiple of ``patch_len`` the image is first resized to the nearest lower
     multiple and resized back afterwards (bilinear, antialiased: what torchvision's ``Resize`` does
@@ -57,7 +70,7 @@ def patch_shuffle(x: torch.Tensor, patch_len: int = 4, generator: torch.Generato
         x = F.interpolate(x, size=(hh, ww), mode="bilinear", align_corners=False, antialias=True)
     th, tw = hh // p, ww // p
     tiles = x.reshape(n, c, p, th, p, tw).permute(0, 2, 4, 1, 3, 5).reshape(n, p * p, c, th, tw)
-    perm = _rand((n, p * p), x.device, generator).argsort(dim=1)
+    perm = _tile_permutations(n, p * p, x.device, generator)
     tiles = tiles[torch.arange(n, device=x.device).unsqueeze(1), perm]
     out = tiles.reshape(n, p, p, c, th, tw).permute(0, 3, 1, 4, 2, 5).reshape(n, c, hh, ww)
     if resized:
@@ -67,9 +80,9 @@ def patch_shuffle(x: torch.Tensor, patch_len: int = 4, generator: torch.Generato
 
 def pixel_shuffle(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """One random permutation of the ``H*W`` pixel positions, shared by every image and channel of
-    the batch (DeYO's ``pixel``)."""
+    the batch (DeYO's ``pixel``: ``torch.randperm(H*W)`` on the CPU RNG, as the official code)."""
     n, c, h, w = x.shape
-    perm = _rand((h * w,), x.device, generator).argsort()
+    perm = _pixel_permutation(h * w, x.device, generator)
     return x.reshape(n, c, h * w)[:, :, perm].reshape(n, c, h, w)
 
 
@@ -111,9 +124,19 @@ class PLPD(Policy):
     The destroyed view's logits are shared through ``ctx.cached`` under a key naming the transform,
     so two policies asking for the same view pay for one forward.
 
-    ``seed``: ``None`` draws the tile/pixel permutations from the global RNG of the images' device
-    (the official code uses the global CPU RNG); an integer gives the policy its own generator.
+    ``seed``: ``None`` draws the tile/pixel permutations from the global CPU RNG with the official
+    calls (``torch.rand(N, P*P).argsort(-1)``, ``torch.randperm(H*W)``), whatever the device of the
+    images, so ``torch.manual_seed`` reproduces the official draws; an integer gives the policy its
+    own CPU generator (the same draws on every device).
+
+    As an *extra* policy of another method (``extra_policies=["plpd"]``) it is a pure filter by
+    default (``reweight=False``, see :attr:`extra_defaults`): its DeYO weights would multiply the
+    method's own (EATA's ``exp(E0 - H)`` already weights by entropy) and scale the loss by about
+    ``exp(E0)``. ``policy_kwargs={"plpd": {"reweight": True}}`` keeps DeYO's weights.
     """
+
+    #: constructor defaults when the policy is added by name as an extra policy of a method
+    extra_defaults = {"reweight": False}
 
     def __init__(self, threshold: float = 0.2, aug_type: str = "patch", patch_len: int = 4,
                  occlusion_size: int = 112, row_start: int = 56, column_start: int = 56,
@@ -127,15 +150,17 @@ class PLPD(Policy):
         self.occlusion_size, self.row_start, self.column_start = int(occlusion_size), int(row_start), int(column_start)
         self.reweight, self.reweight_ent, self.reweight_plpd = bool(reweight), bool(reweight_ent), bool(reweight_plpd)
         self.e0_fraction, self.e0, self.seed = float(e0_fraction), e0, seed
-        self._generators: dict[torch.device, torch.Generator] = {}
+        self._generator: torch.Generator | None = None
 
     # ------------------------------------------------------------------ the transform
-    def generator(self, device: torch.device) -> torch.Generator | None:
+    def generator(self, device: torch.device | None = None) -> torch.Generator | None:
+        """The policy's own CPU generator (``seed`` given) or ``None`` (the global CPU RNG).
+        The permutations are drawn on the CPU whatever ``device`` is, as the official code."""
         if self.seed is None:
             return None
-        if device not in self._generators:
-            self._generators[device] = torch.Generator(device=device).manual_seed(self.seed)
-        return self._generators[device]
+        if self._generator is None:
+            self._generator = torch.Generator().manual_seed(self.seed)
+        return self._generator
 
     def destroy(self, x: torch.Tensor) -> torch.Tensor:
         """The object-destroyed version of images ``x`` (N, C, H, W)."""

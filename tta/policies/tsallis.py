@@ -12,7 +12,8 @@ views with the lowest score, in ``torch.argsort`` order as the official code doe
   - ``score="adte"`` (default): ``s_v = sum_c p_{v,c}^{q_c} / (1 - q_c)`` with a class-specific
     Tsallis index ``q_c`` in [0.01, 0.9] from the estimated label bias (exactly this formula; it is
     not a class-wise Tsallis entropy, see METHODS.md section 9);
-  - ``score="tsallis"``: fixed ``q`` (ADTE's ``--same_q``; ``q=0.1``): ``(1 - sum_c p_c^q) / (q - 1)``;
+  - ``score="tsallis"``: fixed ``q`` (ADTE's ``--use_adte --same_q --scale_w 0.1``; without
+    ``--use_adte`` the official code ranks by Shannon entropy): ``(1 - sum_c p_c^q) / (q - 1)``;
   - ``score="shannon"``: ``-sum_c p_c log(p_c + 1e-8)`` (ADTE/ZERO without ``--use_adte``).
 
 The label bias comes from :class:`LabelBias`: a memory of confident predictions per class, a
@@ -216,7 +217,7 @@ class TsallisRanking(ViewSelection):
         num_classes: number of classes (needed for ``score="adte"``).
         fraction: kept fraction of views (ADTE ``gamma`` = 0.1).
         score: ``adte`` (class-specific ``q_c``), ``tsallis`` (fixed ``q``) or ``shannon``.
-        q: the fixed index of ``score="tsallis"`` (ADTE ``--same_q --scale_w 0.1``).
+        q: the fixed index of ``score="tsallis"`` (ADTE ``--use_adte --same_q --scale_w 0.1``).
         online: update the label bias from every ranked image (the policy on its own); ADTE turns
             this off and feeds the estimate itself.
         min_entries: memory entries needed before the online bias is used (uniform before).
