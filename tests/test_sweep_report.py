@@ -23,3 +23,15 @@ def test_sweep_then_report(tmp_path):
     assert table.splitlines()[0].startswith("| run | gaussian_noise | snow | mean |")
     mean = {name: float(line.split("|")[-2]) for name, line in rows.items()}
     assert mean["tent"] > mean["source"] + 15 and mean["eta"] > mean["source"] + 15
+
+
+def test_sweep_through_the_submitit_launcher(tmp_path):
+    """The launcher that runs sweeps on SLURM (``hydra/launcher=submitit_slurm``), run locally."""
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    sweep = tmp_path / "sweep"
+    subprocess.run([sys.executable, "-m", "tta.run", "-m", "hydra/launcher=submitit_local", "method=norm",
+                    f"hydra.sweep.dir={sweep}", "progress=false", "data.corruptions=[fog]"],
+                   check=True, capture_output=True, env=env, timeout=600)
+    record = (sweep / "0" / "run.json").read_text()
+    assert '"fog/5"' in record
