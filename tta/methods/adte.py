@@ -59,7 +59,7 @@ from ..augment.views import ViewGenerator
 from ..models.clip import ClipClassifier
 from ..policies.tsallis import LabelBias, TsallisRanking, keep_count, minmax_q_index
 from . import register
-from .base import Method, check_batch
+from .base import Method
 
 log = logging.getLogger(__name__)
 BIAS_MODES = ("prepass", "online", "uniform")
@@ -270,14 +270,8 @@ class ADTE(Method):
     # ------------------------------------------------------------------ per batch
     def forward(self, x: torch.Tensor, ids: torch.Tensor | Sequence[int] | None = None,
                 domain: str | None = None) -> torch.Tensor:
-        check_batch(x, nonfinite=self.nonfinite)
-        n = x.shape[0]
-        if ids is None:
-            ids = list(range(self.images_seen, self.images_seen + n))
-        self.images_seen += n
+        ids = self.begin_image_batch(x, ids)
         self._enter_domain(domain)
-        self.counters.add("batches", 1)
-        self.counters.add("samples", n)
         logits = self.view_logits(x, ids)                              # (N, V, C)
         if self.bias_mode == "online" and self.needs_bias:
             weights = []

@@ -236,6 +236,19 @@ class Method(nn.Module):
             logits = self.adapt(x)
         return logits
 
+    def begin_image_batch(self, x: torch.Tensor, ids: torch.Tensor | Sequence[int] | None = None):
+        """For methods that work image by image (TPT, ADTE): check and count the batch, and return
+        the sample ids that seed each image's views (the engine's, or running numbers)."""
+        check_batch(x, nonfinite=self.nonfinite)
+        n = x.shape[0]
+        start = getattr(self, "images_seen", 0)
+        if ids is None:
+            ids = list(range(start, start + n))
+        self.images_seen = start + n
+        self.counters.add("batches", 1)
+        self.counters.add("samples", n)
+        return ids
+
     def context(self, x: torch.Tensor, logits: torch.Tensor) -> BatchContext:
         source = (lambda: self.source[0]) if self.source else None
         return BatchContext(x, logits, self.model, source)

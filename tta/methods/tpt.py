@@ -44,7 +44,7 @@ from ..models.clip import ClipClassifier
 from ..policies.base import BatchContext, Policy
 from ..policies.tsallis import TPTConfidence, TsallisRanking, ViewSelection
 from . import register
-from .base import Method, check_batch
+from .base import Method
 
 SCORES = ("shannon", "tsallis")
 
@@ -169,13 +169,8 @@ class TPT(Method):
     # ------------------------------------------------------------------ the episodic loop
     def forward(self, x: torch.Tensor, ids: torch.Tensor | Sequence[int] | None = None,
                 domain: str | None = None) -> torch.Tensor:
-        check_batch(x, nonfinite=self.nonfinite)
+        ids = self.begin_image_batch(x, ids)
         n = x.shape[0]
-        if ids is None:
-            ids = list(range(self.images_seen, self.images_seen + n))
-        self.images_seen += n
-        self.counters.add("batches", 1)
-        self.counters.add("samples", n)
         plan = self.views.plan(ids, x.shape[-2], x.shape[-1])  # all random draws of the batch, on the CPU
         outputs = [self.tune_and_predict(self.views(x, plan=plan, images=slice(i, i + 1))[0]) for i in range(n)]
         return torch.cat(outputs)
