@@ -5,6 +5,13 @@ With no arguments: Tent on the embedded digits-C benchmark (severity 5). Example
     python -m tta.run method=eata policies.extra=[plpd] severity=3 seed=1
     python -m tta.run model=torchvision:resnet50:IMAGENET1K_V1 data=imagenet_c data.root=/data/imagenet-c
     python -m tta.run -m method=tent,eata,deyo seed=1,2,3      # a sweep; merge with python -m tta.report
+    python -m tta.run -m method=eata data=imagenet_c data.root=/data/imagenet-c data.clean_root=/data/imagenet \
+        method.fisher_path=fishers/resnet50.pt seed=1,2,3      # EATA's Fisher: estimated once, saved, then loaded
+
+EATA's Fisher comes from the data config's clean images (:func:`fisher_data`: digits-C's training
+split; ImageNet-C / CIFAR-C: ``data.clean_root``, on-the-fly configs default to ``data.root``),
+``method.fisher_size`` (2000) of them in an order seeded by ``seed``. ``method.fisher_path=<file>``
+loads that file if it exists, else estimates the Fisher and saves it there.
 
 Writes ``run.json``, ``results.md`` and ``results.png`` into the run folder (``hydra.run.dir``).
 """
@@ -50,22 +57,57 @@ def takes_keyword(name: str, keyword: str) -> bool:
     return any("__init__" in vars(k) and keyword in inspect.signature(k.__init__).parameters for k in cls.__mro__)
 
 
-def fisher_data(data: dict[str, Any], seed: int) -> torch.Tensor | None:
-    """Clean images for EATA's Fisher: the data config's ``fisher_split`` (digits-C: the clean
-    training split), shuffled with the run's seed as EATA's ``main.py`` shuffles before taking its
-    ``fisher_size`` images. ``None`` when the data config names no split."""
-    split = data.get("fisher_split")
-    if not split:
-        return None
-    kind = data.get("kind", data["name"])
-    if kind != "digits_c":
-        raise ValueError(f"fisher_split is only implemented for digits_c data, not {kind!r}: "
-                         f"pass method.fisher_path=<file saved by EATA.save_fisher()>")
-    from .data.digits import load_digits_split
+def fisher_data(data: dict[str, Any], seed: int, *, fisher_size: int = 2000, batch_size: int = 64,
+                device: torch.device | str = "cpu", required: bool = True, on_bad_image: str | None = None) -> Any:
+    """Clean images for EATA's Fisher from the data config, in an order seeded by the run's seed (as
+    EATA's ``main.py`` shuffles before taking its ``fisher_size`` images); ``None`` when there are none.
 
-    images, _ = load_digits_split(split)
-    order = torch.randperm(images.shape[0], generator=torch.Generator().manual_seed(seed))
-    return images[order]
+    * ``fisher_split`` (digits-C): that clean split, as one shuffled tensor;
+    * ImageNet-C / CIFAR-10/100-C (released and on the fly): ``fisher_size`` images of the clean set
+      in ``data.clean_root`` (on-the-fly configs: default ``data.root``), a stream of batches that
+      reads only those images (:func:`tta.data.clean.clean_batches`). Missing clean images raise a
+      ``FileNotFoundError`` naming the folder, ``data.clean_root`` and ``method.fisher_path`` (when
+      ``required``; else ``None``).
+    """
+    kind = data.get("kind", data["name"])
+    split = data.get("fisher_split")
+    if split:
+        if kind != "digits_c":
+            raise ValueError(f"fisher_split is only implemented for digits_c data, not {kind!r}: "
+                             f"pass method.fisher_path=<file saved by EATA.save_fisher()>")
+        from .data.digits import load_digits_split
+
+        images, _ = load_digits_split(split)
+        order = torch.randperm(images.shape[0], generator=torch.Generator().manual_seed(seed))
+        return images[order]
+    from .data.clean import CLEAN_KINDS, clean_batches
+
+    if kind not in CLEAN_KINDS:
+        return None
+    try:
+        return clean_batches(data, num_samples=fisher_size, seed=seed, batch_size=batch_size, device=device,
+                             purpose="EATA's Fisher", on_bad_image=on_bad_image)
+    except FileNotFoundError as error:
+        if not required:
+            return None
+        raise FileNotFoundError(f"{error}; or pass method.fisher_path=<Fisher file> (saved there by a first run "
+                                f"that had the clean images, or by EATA.save_fisher())") from None
+
+
+def method_fisher_data(method_cfg: dict[str, Any], data: dict[str, Any], seed: int, **options: Any) -> Any:
+    """EATA's ``fisher_data`` (see :func:`fisher_data`), unless ``method.fisher_path`` is an existing
+    file: to a path that does not exist yet EATA saves the Fisher it computes (one per sweep)."""
+    path = method_cfg.get("fisher_path")
+    if path and Path(str(path)).expanduser().is_file():
+        return None
+    try:
+        return fisher_data(data, seed, fisher_size=int(method_cfg.get("fisher_size") or 2000),
+                           required=method_cfg.get("fisher_alpha", 1) != 0, **options)
+    except FileNotFoundError as error:
+        if not path:
+            raise
+        raise FileNotFoundError(f"method.fisher_path={path} does not exist yet, and the clean images to compute "
+                                f"it are missing: {error}") from None
 
 
 def register_configs() -> None:
@@ -137,8 +179,9 @@ def execute(cfg: dict[str, Any], out_dir: Path) -> dict[str, Any]:
                             max_samples=cfg.get("max_samples"), on_bad_image=cfg.get("on_bad_image"))
 
     stream, engine_options = make_stream(cfg.get("shuffle", True))
-    if takes_keyword(method_name, "fisher_data") and not method_cfg.get("fisher_path"):
-        method_cfg["fisher_data"] = fisher_data(data, cfg["seed"])
+    if takes_keyword(method_name, "fisher_data"):  # EATA: clean images unless method.fisher_path exists
+        method_cfg["fisher_data"] = method_fisher_data(method_cfg, data, cfg["seed"], device=device,
+                                                       batch_size=stream.batch_size, on_bad_image=cfg.get("on_bad_image"))
     method = methods.build(method_name, classifier, num_classes=num_classes, batch_size=stream.batch_size,
                            extra_policies=list(cfg["policies"]["extra"] or []),
                            policy_kwargs=dict(cfg["policies"].get("kwargs") or {}), **method_cfg)

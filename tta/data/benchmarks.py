@@ -225,7 +225,7 @@ def ood_source(bench: Benchmark, options: dict[str, Any], *, seed: int, needed: 
 # ---------------------------------------------------------------------------------------------
 
 
-def _loading_options(config: dict[str, Any], **given: Any) -> dict[str, Any]:
+def loading_options(config: dict[str, Any], **given: Any) -> dict[str, Any]:
     workers = given.get("num_workers")
     if workers is None:
         workers = config.get("num_workers", 0)
@@ -277,7 +277,7 @@ def build_stream(config: dict[str, Any], *, setting: str | dict[str, Any] | None
     stream = Stream(plan.parts, plan.segments, batch_size=size, seed=seed, device=device, max_samples=max_samples,
                     info={"dataset": config.get("name", bench.name), **bench.info, **plan.info},
                     summarize=plan.summarize,
-                    **_loading_options(config, num_workers=num_workers, prefetch=prefetch, decode=decode,
+                    **loading_options(config, num_workers=num_workers, prefetch=prefetch, decode=decode,
                                        on_bad_image=on_bad_image))
     engine = {"reset_each_domain": True, "open_set": False, **plan.engine}
     return stream, engine
@@ -298,4 +298,4 @@ def build_clean_stream(config: dict[str, Any], *, num_samples: int | None = None
         order = order[: int(num_samples)]
     return Stream([clean], [Segment("clean", [0] * len(order), order)], batch_size=batch_size, seed=seed,
                   device=device, info={"dataset": config.get("name"), "setting": "clean"},
-                  **_loading_options(config, **loading))
+                  **loading_options(config, **loading))

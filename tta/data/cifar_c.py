@@ -31,7 +31,7 @@ _PICKLES = {"cifar10": ("cifar-10-batches-py", "test_batch", "labels"),
             "cifar100": ("cifar-100-python", "test", "fine_labels")}
 
 
-def _dataset(config: dict[str, Any]) -> str:
+def cifar_dataset(config: dict[str, Any]) -> str:
     dataset = str(config.get("dataset", "cifar10"))
     if dataset not in _PICKLES:
         raise ValueError(f"{config.get('name')}: dataset must be cifar10 or cifar100, got {dataset!r}")
@@ -75,7 +75,7 @@ def _num_classes(config: dict[str, Any]) -> int | None:
 def _clean_from(config: dict[str, Any], root: str | Path | None):
     if not root:
         return None
-    dataset = _dataset(config)
+    dataset = cifar_dataset(config)
 
     def make() -> Domain:
         path = Path(str(root)).expanduser()
@@ -123,7 +123,7 @@ def cifar_c(config: dict[str, Any], *, severity: int | list[int] | None = None, 
 def cifar_c_onthefly(config: dict[str, Any], *, severity: int | list[int] | None = None, seed: int = 0,
                      **_: Any) -> Benchmark:
     """The clean CIFAR test set, corrupted on the device per batch (seeded per sample)."""
-    dataset = _dataset(config)
+    dataset = cifar_dataset(config)
     root = require_root(config, f"clean {dataset} test set", clean_layouts(dataset))
     images, labels = load_clean_test_set(root, dataset, name=config.get("name", dataset))
     _check_labels(labels, _num_classes(config), f"{root} labels")

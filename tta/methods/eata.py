@@ -6,6 +6,7 @@ Official code: https://github.com/mr-eggplant/EATA (``eata.py``, ``main.py``); M
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -75,7 +76,11 @@ class EATA(ETA):
       is estimated at the first forward (on the device the model is on by then; autocast off)
       or when :meth:`compute_fisher` is called; or
     * ``fisher_path``: a file written by :meth:`save_fisher`. One made for another model raises a
-      ``ValueError`` naming the adapted parameters it lacks.
+      ``ValueError`` naming the adapted parameters it lacks. Given together with ``fisher_data``,
+      an existing file is loaded (the data is not used); a path that does not exist yet gets the
+      Fisher estimated from ``fisher_data`` written there (atomically), so the runs of a sweep with
+      one ``method.fisher_path`` estimate it once (``hparams()``: ``source: data`` and
+      ``saved_to``, later ``source: file`` and ``path``).
 
     Without either, construction raises a ``ValueError`` (use ``eta``, or ``fisher_alpha=0``).
     The penalty sums over the adapted parameters (all of which have an entry), vectorised with
@@ -92,23 +97,35 @@ class EATA(ETA):
         self.fisher_batch_size = int(kwargs.get("batch_size", 64))
         self.fisher = FisherAnchor(self.param_names, self.adapted_parameters(), fisher_alpha)
         self._fisher_data = None
-        if fisher_path:
+        self._fisher_save_path: Path | None = None
+        if fisher_path and (fisher_data is None or Path(fisher_path).expanduser().is_file()):
             self.fisher.load(fisher_path, strict=fisher_strict)
         elif fisher_data is not None:
             self._fisher_data = fisher_data
+            if fisher_path:  # not there yet: computed from fisher_data, then saved there (a sweep computes it once)
+                self._fisher_save_path = Path(fisher_path).expanduser()
         elif fisher_alpha != 0:
             raise ValueError(
                 f"{self.name} needs clean data for its Fisher regulariser: pass fisher_data=<clean images or "
-                f"batches> or fisher_path=<file saved by save_fisher()> (CLI: a data config with 'fisher_split', "
-                f"or method.fisher_path=...); or use method 'eta' / fisher_alpha=0 to run without it")
+                f"batches> or fisher_path=<file saved by save_fisher()> (CLI: data.clean_root=<clean images>, or "
+                f"method.fisher_path=...); or use method 'eta' / fisher_alpha=0 to run without it")
 
     def compute_fisher(self, data: Any = None) -> None:
-        """Estimate the Fisher now from ``data`` (default: the ``fisher_data`` given at construction)."""
+        """Estimate the Fisher now from ``data`` (default: the ``fisher_data`` given at construction).
+        With ``fisher_path`` given at construction but not existing then, the Fisher is saved there."""
         data = data if data is not None else self._fisher_data
         if data is None:
             raise ValueError("no Fisher data: pass it here or as fisher_data= at construction")
         self.fisher.estimate(self.model, data, fisher_size=self.fisher_size, batch_size=self.fisher_batch_size)
         self._fisher_data = None
+        if self._fisher_save_path is not None:
+            path, self._fisher_save_path = self._fisher_save_path, None
+            if not path.is_file():  # a parallel run of the same sweep may have written it meanwhile
+                path.parent.mkdir(parents=True, exist_ok=True)
+                partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+                self.fisher.save(partial)
+                os.replace(partial, path)  # atomic: a concurrent reader never sees half a file
+            self.fisher.info["saved_to"] = str(path)
 
     def save_fisher(self, path: str | Path) -> None:
         """Write the Fisher and its anchor (by parameter name) for ``fisher_path=`` later."""
