@@ -210,3 +210,38 @@ def test_script_resumes_after_a_stop(variation_pipeline, tmp_path):
     assert (third["complete"], third["processed"], third["generated_views"]) == (4, 0, 0)
     assert views(images(1), ["dog/4.png"]).shape == (1, NUM_VIEWS, 3, 32, 32)
     assert views.stats["generated"] == 0
+
+
+def test_script_killed_midway_finishes_the_rest_without_redoing_work(variation_pipeline, tmp_path):
+    """SIGKILL the generator once its first views are on disk; the rerun only does what is missing."""
+    import signal
+    import time
+
+    root = tmp_path / "images"
+    rng = np.random.default_rng(1)
+    names = [f"c{i % 3}/{i}.png" for i in range(24)]
+    for name in names:
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (36, 36, 3), dtype=np.uint8)).save(root / name)
+    cache = tmp_path / "cache"
+    args = ["--root", str(root), "--pipeline", str(variation_pipeline), "--num-views", str(NUM_VIEWS),
+            "--steps", "12", "--batch-size", "1", "--cache-dir", str(cache), "--device", "cpu"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen([sys.executable, str(SCRIPT), *args], env=env, cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and not any(cache.rglob("*.png")):
+        time.sleep(0.02)
+    if proc.poll() is not None:
+        pytest.skip("the generator finished before it could be killed")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    done_before = len(list(cache.rglob("*.png")))
+    assert 0 < done_before < len(names) * NUM_VIEWS
+
+    summary = _load_script().main(args)
+    assert summary["unfinished"] == 0 and summary["complete"] + summary["processed"] == len(names)
+    assert summary["generated_views"] == len(names) * NUM_VIEWS - summary["cached_views"]
+    assert summary["cached_views"] >= done_before - 1  # at most the view being written at the kill is redone
+    assert _load_script().main(args)["generated_views"] == 0
