@@ -96,3 +96,17 @@ def test_guarded_step_undoes_a_nan_loss():
     assert not kept
     torch.testing.assert_close(w.detach(), torch.ones(3))
     assert torch.equal(opt.state[w]["momentum_buffer"], torch.zeros(3))
+
+
+def test_batch_size_one_with_batchnorm_warns_once_and_still_runs():
+    method = tta.methods.build("tent", load_classifier("digits_cnn"), batch_size=1)
+    assert method.lr == 2.5e-4 / 64 * 1 * 2  # the ResNet rule below batch 32; Tent has no bs=1 doubling
+    with pytest.warns(UserWarning, match="degenerate"):
+        logits = method(torch.rand(1, 3, 32, 32))
+    assert logits.shape == (1, 10) and torch.isfinite(logits).all()
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        method(torch.rand(1, 3, 32, 32))  # warned once per method, not per batch
+    assert method.stats()["counters"]["steps"] == 2
