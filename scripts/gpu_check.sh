@@ -11,6 +11,7 @@ out=${1:-gpu_check_out}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # the scripts import tta from this checkout
 run() {  # name, command...
   local name=$1; shift
   echo "=== $name: $*"
