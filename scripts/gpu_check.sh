@@ -7,7 +7,7 @@
 # `pip install -e .` or, on a machine without a registry, from wheels on PYTHONPATH). Random weights
 # throughout: these are speed tables, not accuracy tables.
 set -uo pipefail
-out=${1:-gpu_check_out}
+out=$(realpath -m "${1:-gpu_check_out}")
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 cd "$(dirname "$0")/.."
