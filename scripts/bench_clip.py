@@ -194,6 +194,17 @@ def main() -> None:
     def ids(i):
         return [i]
 
+    def time_ours(method):
+        """Our method on each image (ids in order), and the same views for the official-style loop."""
+        views = [method.views(x, ids=ids(i))[0] for i, x in enumerate(images)]
+        counter = iter(range(10**9))
+
+        def ours(x):
+            with autocast(device, ours_dtype):
+                return method(x, ids=ids(next(counter)))
+
+        return (views, *timed(ours, images, device, warmup))
+
     if "zeroshot" in wanted:
         clf = classifier()
         with torch.no_grad(), autocast(device, ours_dtype):
@@ -204,14 +215,7 @@ def main() -> None:
 
     if "tpt" in wanted:
         method = build("tpt", classifier(), num_views=args.views).to(device)
-        views = [method.views(x, ids=ids(i))[0] for i, x in enumerate(images)]
-        counter = iter(range(10**9))
-
-        def ours_tpt(x):
-            with autocast(device, ours_dtype):
-                return method(x, ids=ids(next(counter)))
-
-        ms, ours_out, peak = timed(ours_tpt, images, device, warmup)
+        views, ms, ours_out, peak = time_ours(method)
         official = OfficialTPT(classifier().net, device, official_dtype)
         ms_o, off_out, peak_o = timed(official, views, device, warmup)
         agree = (ours_out.softmax(1) - off_out.softmax(1)).abs().max().item()
@@ -222,14 +226,7 @@ def main() -> None:
         method = build("adte", classifier(), num_views=args.views, bias="uniform").to(device)
         b = torch.log(torch.linspace(1, 3, len(names), device=device))
         method.use_bias(b)
-        views = [method.views(x, ids=ids(i))[0] for i, x in enumerate(images)]
-        counter = iter(range(10**9))
-
-        def ours_adte(x):
-            with autocast(device, ours_dtype):
-                return method(x, ids=ids(next(counter)))
-
-        ms, ours_out, peak = timed(ours_adte, images, device, warmup)
+        views, ms, ours_out, peak = time_ours(method)
         official = OfficialADTE(classifier().net, device, official_dtype, method.ranking.q_index.clone())
         ms_o, off_out, peak_o = timed(official, views, device, warmup)
         agree = (ours_out.exp() - off_out / keep_count(args.views, 0.1)).abs().max().item()
