@@ -36,7 +36,6 @@ from .sources import FileSource, ImageSource, NoiseSource, index_image_files
 from .stream import Domain, Stream
 
 LOADERS: Registry[Callable[..., Any]] = Registry("dataset kind")
-SETTINGS = settings_module.SETTING_DEFAULTS
 ASSETS = Path(__file__).resolve().parent / "assets"
 NAMED_CLASS_LISTS = {"imagenet": ASSETS / "imagenet_wnids.txt"}
 _LOADER_MODULES = ("imagenet_c", "cifar_c", "folders")

@@ -13,7 +13,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-DIGITS_CLASSES = tuple(str(i) for i in range(10))
 IMAGE_SIZE = 32
 SPLIT_SEED = 0
 TEST_FRACTION = 0.4

@@ -332,7 +332,7 @@ class Method(nn.Module):
 
     def hparams(self) -> dict[str, Any]:
         """The resolved hyperparameters, for the run record."""
-        out = {"method": self.name, "params": self.params_preset, "num_adapted_tensors": len(self.param_names),
+        out = {"method": self.name, "paper": self.paper, "params": self.params_preset, "num_adapted_tensors": len(self.param_names),
                "num_adapted_values": int(sum(p.numel() for p in self.adapted_parameters())),
                "steps": self.steps, "episodic": self.episodic, "nonfinite": self.nonfinite,
                "policies": [{"name": p.name, **p.hparams()} for p in self.policies]}

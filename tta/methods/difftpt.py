@@ -119,10 +119,6 @@ class DiffTPT(TPT):
             self.counters.add("diffusion_views", x.shape[0] * self.num_diffusion)
         return out
 
-    def diffusion_stats(self) -> dict[str, Any] | None:
-        """Cache hits / generated / invalid counts of the diffusion source (``None`` without one)."""
-        return self.views.stats() if isinstance(self.views, DiffusionViewGenerator) else None
-
     def hparams(self) -> dict[str, Any]:
         out = super().hparams()
         out.update(num_views=self.num_views, num_augmented=self.num_augmented, num_diffusion=self.num_diffusion,
