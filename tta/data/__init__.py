@@ -5,7 +5,7 @@
                                           setting="continual", device="cuda")
     for batch in stream: ...   # Batch(images on the device in [0, 1], labels, domain, ids)
 """
-from .benchmarks import (LOADERS, Benchmark, build_clean_stream, build_stream, class_list, load_benchmark,
+from .benchmarks import (LOADERS, Benchmark, build_stream, class_list, load_benchmark,
                          num_classes_of)
 from .configs import available as available_data_configs
 from .configs import load_data_config
@@ -19,7 +19,7 @@ from .stream import Batch, Domain, DomainStream, OrderHash, Segment, Stream
 __all__ = [
     "ALL_CORRUPTIONS", "ArraySource", "BadImageError", "Batch", "Benchmark", "CORRUPTIONS", "Domain", "DomainStream",
     "EXTRA_CORRUPTIONS", "FileSource", "ImageSource", "LOADERS", "NoiseSource", "OrderHash", "SETTING_DEFAULTS",
-    "Segment", "Stream", "available_data_configs", "available_settings", "build_clean_stream", "build_stream",
+    "Segment", "Stream", "available_data_configs", "available_settings", "build_stream",
     "class_list", "corrupt", "dirichlet_order", "imbalance_order", "load_benchmark", "load_data_config",
     "num_classes_of",
 ]

@@ -280,21 +280,3 @@ def build_stream(config: dict[str, Any], *, setting: str | dict[str, Any] | None
                                        on_bad_image=on_bad_image))
     engine = {"reset_each_domain": True, "open_set": False, **plan.engine}
     return stream, engine
-
-
-def build_clean_stream(config: dict[str, Any], *, num_samples: int | None = None, batch_size: int = 64, seed: int = 0,
-                       device: torch.device | str = "cpu", **loading: Any) -> Stream:
-    """Batches of the config's clean images (shuffled by ``seed``, the first ``num_samples``): e.g.
-    EATA's Fisher estimate on 2,000 clean validation images."""
-    from .stream import Segment, shuffled
-
-    bench = load_benchmark(config, seed=seed)
-    if bench.clean is None:
-        raise ValueError(f"{bench.name} has no clean images configured (set data.clean_root)")
-    clean = bench.clean() if callable(bench.clean) else bench.clean
-    order = shuffled(len(clean), seed, "clean-subset")
-    if num_samples is not None:
-        order = order[: int(num_samples)]
-    return Stream([clean], [Segment("clean", [0] * len(order), order)], batch_size=batch_size, seed=seed,
-                  device=device, info={"dataset": config.get("name"), "setting": "clean"},
-                  **loading_options(config, **loading))

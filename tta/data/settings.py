@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
-from .stream import Domain, Segment, shuffled
+from .stream import Domain, Segment, domain_order, shuffled
 
 if TYPE_CHECKING:
     from .benchmarks import Benchmark
@@ -109,10 +109,6 @@ def plan(benchmark: "Benchmark", options: dict[str, Any], *, seed: int, shuffle:
 # ---------------------------------------------------------------------------------------------
 # orders
 # ---------------------------------------------------------------------------------------------
-
-
-def _order(n: int, seed: int, name: str, shuffle: bool, visit: int = 0) -> np.ndarray:
-    return shuffled(n, seed, name, visit) if shuffle else np.arange(n, dtype=np.int64)
 
 
 def _rng(seed: int, *salt: int) -> np.random.Generator:
@@ -209,7 +205,7 @@ def order_from_file(path: str, n: int) -> np.ndarray:
 
 def _sequential(bench: "Benchmark", seed: int, shuffle: bool) -> tuple[list[Domain], list[Segment]]:
     parts = list(bench.domains)
-    segments = [Segment(d.name, np.full(len(d), i), _order(len(d), seed, d.name, shuffle)) for i, d in enumerate(parts)]
+    segments = [Segment(d.name, np.full(len(d), i), domain_order(len(d), seed, d.name, shuffle)) for i, d in enumerate(parts)]
     return parts, segments
 
 
@@ -222,7 +218,7 @@ def _mixed(bench, options, seed, shuffle) -> Plan:
     parts = list(bench.domains)
     part = np.concatenate([np.full(len(d), i, dtype=np.int64) for i, d in enumerate(parts)])
     index = np.concatenate([np.arange(len(d), dtype=np.int64) for d in parts])
-    order = _order(len(index), seed, "mixed", shuffle)
+    order = domain_order(len(index), seed, "mixed", shuffle)
     return Plan(parts, [Segment("mixed", part[order], index[order])], {"reset_each_domain": False},
                 info={"mixed_domains": [d.name for d in parts]})
 
@@ -253,7 +249,7 @@ def _gradual(bench, options, seed, shuffle) -> Plan:
                                  f"{severities} are needed)")
             i = by_key[(corruption, severity)]
             d = bench.domains[i]
-            segments.append(Segment(d.name, np.full(len(d), i), _order(len(d), seed, d.name, shuffle, visit)))
+            segments.append(Segment(d.name, np.full(len(d), i), domain_order(len(d), seed, d.name, shuffle, visit)))
     return Plan(list(bench.domains), segments, {"reset_each_domain": bool(options["reset_each_domain"])})
 
 
@@ -346,7 +342,7 @@ def _forgetting(bench, options, seed, shuffle) -> Plan:
         chosen = np.sort(shuffled(len(clean), seed, "clean-subset")[: int(options["clean_samples"])])
 
     def clean_pass(k: int) -> Segment:
-        order = chosen[_order(len(chosen), seed, "clean", shuffle, k)]
+        order = chosen[domain_order(len(chosen), seed, "clean", shuffle, k)]
         return Segment(f"clean@{k}", np.full(len(order), c), order)
 
     segments = [clean_pass(0)]
@@ -380,7 +376,7 @@ def _long_stream(bench, options, seed, shuffle) -> Plan:
     if rounds < 1:
         raise ValueError(f"long_stream rounds must be >= 1, got {rounds}")
     parts = list(bench.domains)
-    segments = [Segment(d.name, np.full(len(d), i), _order(len(d), seed, d.name, shuffle, r))
+    segments = [Segment(d.name, np.full(len(d), i), domain_order(len(d), seed, d.name, shuffle, r))
                 for r in range(rounds) for i, d in enumerate(parts)]
     return Plan(parts, segments, {"reset_each_domain": bool(options["reset_each_domain"])}, info={"rounds": rounds})
 

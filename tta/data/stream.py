@@ -465,12 +465,17 @@ def shuffled(n: int, seed: int, name: str, visit: int = 0) -> np.ndarray:
     return rng.permutation(n).astype(np.int64)
 
 
+def domain_order(n: int, seed: int, name: str, shuffle: bool, visit: int = 0) -> np.ndarray:
+    """The order of a domain's ``n`` samples: :func:`shuffled`, or ``0..n-1`` without shuffling."""
+    return shuffled(n, seed, name, visit) if shuffle else np.arange(n, dtype=np.int64)
+
+
 class DomainStream(Stream):
     """Domains one after another, each in a seeded shuffled (or fixed) order."""
 
     def __init__(self, domains: Sequence[Domain], batch_size: int = 64, shuffle: bool = True, seed: int = 0,
                  device: torch.device | str = "cpu", info: dict[str, Any] | None = None, **options: Any):
         self.shuffle = shuffle
-        segments = [Segment(d.name, np.full(len(d), i), shuffled(len(d), seed, d.name) if shuffle else np.arange(len(d)))
+        segments = [Segment(d.name, np.full(len(d), i), domain_order(len(d), seed, d.name, shuffle))
                     for i, d in enumerate(domains)]
         super().__init__(domains, segments, batch_size=batch_size, seed=seed, device=device, info=info, **options)
