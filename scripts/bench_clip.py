@@ -168,7 +168,7 @@ def main() -> None:
         torch.backends.cudnn.benchmark = True
 
     from tta.methods import build
-    from tta.policies.tsallis import keep_count
+    from tta.objectives import views_kept as keep_count
     from tta.models.clip import load_clip_classifier
     from tta.models.clip_classnames import IMAGENET_CLASSES
 

@@ -25,7 +25,6 @@ import torch.nn.functional as F
 from torch import nn
 
 import tta.methods as methods
-from tta.engine import prepare
 from tta.models import load_classifier
 
 METHODS = ("tent", "eta", "eata", "sar", "deyo", "crowds", "eata_c")
@@ -312,7 +311,7 @@ def main() -> None:
     for name in [m.strip() for m in args.methods.split(",") if m.strip()]:
         kwargs = {"fisher_data": fisher_batches} if name in ("eata", "eata_c") else {}
         ours = methods.build(name, copy.deepcopy(base), batch_size=bs, **kwargs)
-        prepare(ours, device=device, channels_last=args.channels_last, compile=args.compile)
+        ours.prepare(device=device, channels_last=args.channels_last, compile=args.compile)
         if hasattr(ours, "ensure_fisher"):
             ours.ensure_fisher()  # not timed, as the plain loop's Fisher
         inputs = [x.contiguous(memory_format=torch.channels_last) for x in xs] if args.channels_last else xs

@@ -1,4 +1,4 @@
-"""ADTE on a tiny random CLIP: parity with a re-derivation of Jinx630/ADTE (METHODS.md section 9) --
+"""ADTE on a tiny random CLIP: parity with a re-derivation of Jinx630/ADTE --
 the pre-pass memory, the power iteration, the q_c map, the view score, the 6 kept views and the vote
 -- the online estimate from the first sample, the bias file, and the command line."""
 from __future__ import annotations
@@ -13,9 +13,9 @@ import torch
 
 from tiny_clip import build_tiny_clip, write_image_folder
 from tta.methods import build
-from tta.methods.adte import load_bias_file
 from tta.models.clip import load_clip_classifier
-from tta.policies.tsallis import LabelBias, TsallisRanking, adte_score, minmax_q_index, power_iteration
+from tta.objectives import adte_score
+from tta.policies import LabelBias, TsallisRanking, load_bias_file, minmax_q_index, power_iteration
 
 CLASSES = ["goldfish", "red fox", "tabby cat", "great white shark", "axolotl", "tench"]
 

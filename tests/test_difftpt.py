@@ -23,9 +23,10 @@ import torch
 from tiny_clip import build_tiny_clip, write_image_folder
 from tiny_diffusion import build_image_variation_pipeline
 from tta import methods, policies
-from tta.augment.mixed_views import DiffusionViewGenerator, StreamImageNames, attach_diffusion_views
+from tta.augment.mixed_views import DiffusionViewGenerator, StreamImageNames
+from tta.provide import RunParts, provide_inputs
 from tta.augment.views import ViewGenerator, resize_center_crop
-from tta.policies.base import BatchContext
+from tta.policies import BatchContext
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ["cat", "dog", "fish"]
@@ -245,9 +246,10 @@ def test_without_diffusion_views_is_a_clear_error_unless_none_are_wanted(assets)
 # ------------------------------------------------------------------ diffusion views for TPT / ADTE
 @pytest.mark.parametrize("mode,expected", [("add", 8 + 4), ("replace", 1 + 4)])
 def test_diffusion_views_feed_tpt(assets, mode, expected):
-    method = methods.build("tpt", clip_model(assets), num_classes=3, num_views=8)
     stub = StubDiffusion(4)
-    method.views = DiffusionViewGenerator(method.views, stub, mode=mode)
+    method = methods.build("tpt", clip_model(assets), num_classes=3, num_views=8, diffusion_views=stub,
+                           diffusion_mode=mode)
+    assert isinstance(method.views, DiffusionViewGenerator) and method.num_views == expected
     seen = spy_views(method)
     method(torch.rand(2, 3, 40, 48), ids=torch.tensor([3, 4]))
     assert [v.shape[0] for v in seen] == [expected, expected]
@@ -255,19 +257,22 @@ def test_diffusion_views_feed_tpt(assets, mode, expected):
     assert method.views.requested == 8
 
 
-def test_attach_gives_adte_diffusion_views_and_records_them(assets, tmp_path):
-    method = methods.build("adte", clip_model(assets), num_classes=3, num_views=6, bias="uniform")
+def test_the_provider_gives_adte_diffusion_views_and_records_them(assets, tmp_path):
+    adte = methods.METHODS.get("adte")
     cfg = {"pipeline": str(assets["pipe"]), "num_views": 2, "steps": 2, "cache_dir": str(tmp_path), "mode": "add"}
-    record = attach_diffusion_views(method, cfg, device="cpu", progress=False)
+    inputs = provide_inputs(adte, {"bias": "uniform"}, RunParts(device="cpu", augment={"diffusion": cfg}, progress=False))
+    assert sorted(inputs) == ["diffusion_mode", "diffusion_views", "image_names"]
+    method = methods.build("adte", clip_model(assets), num_classes=3, num_views=6, bias="uniform", **inputs)
     assert method.num_views == 8 and isinstance(method.views, DiffusionViewGenerator)
     out = method(torch.rand(2, 3, 40, 48), ids=torch.tensor([1, 2]))
     assert out.shape == (2, 3) and torch.isfinite(out).all()
-    stats = record()
+    stats = method.input_records()["diffusion_views"]
     assert (stats["generated"], stats["cache_hits"], stats["requested"]) == (4, 0, 4)
     assert stats["steps"] == 2 and Path(stats["cache_dir"]).is_dir()
-    assert attach_diffusion_views(methods.build("tpt", clip_model(assets), num_classes=3), {"pipeline": None}) is None
+    tpt = methods.METHODS.get("tpt")
+    assert provide_inputs(tpt, {}, RunParts(augment={"diffusion": {"pipeline": None}})) == {}
     with pytest.raises(ValueError, match="view-based"):
-        attach_diffusion_views(methods.build("tent", "digits_cnn"), cfg)
+        provide_inputs(methods.METHODS.get("tent"), {}, RunParts(augment={"diffusion": cfg}))
 
 
 # ------------------------------------------------------------------ sample names and subsets
@@ -342,12 +347,13 @@ def test_script_views_are_found_by_a_run_on_the_same_stream(assets, tmp_path):
 
     config = {"name": "image_folder", "kind": "image_folder", "root": str(assets["data"]), "resize": 32, "crop": 32}
     stream, _ = build_stream(config, seed=0, batch_size=4)
-    method = methods.build("difftpt", clip_model(assets), num_classes=3, num_views=4, steps=1)
-    record = attach_diffusion_views(method, {"pipeline": str(assets["pipe"]), "num_views": 2, "steps": 2,
-                                             "cache_dir": str(cache)}, stream, device="cpu", progress=False)
+    cfg = {"pipeline": str(assets["pipe"]), "num_views": 2, "steps": 2, "cache_dir": str(cache)}
+    inputs = provide_inputs(methods.METHODS.get("difftpt"), {},
+                            RunParts(stream=stream, device="cpu", augment={"diffusion": cfg}, progress=False))
+    method = methods.build("difftpt", clip_model(assets), num_classes=3, num_views=4, steps=1, **inputs)
     for batch in stream:
         method(batch.images, ids=batch.ids, domain=batch.domain)
-    stats = record()
+    stats = method.input_records()["diffusion_views"]
     assert (stats["generated"], stats["cache_hits"], stats["requested"]) == (0, 24, 24)
 
 
@@ -368,7 +374,7 @@ def test_cli_end_to_end_second_run_generates_nothing(assets, tmp_path):
             "method.num_views=7")
     first = run_cli(tmp_path / "a", *args)
     second = run_cli(tmp_path / "b", *args)
-    d1, d2 = first["augment"]["diffusion"], second["augment"]["diffusion"]
+    d1, d2 = first["inputs"]["diffusion_views"], second["inputs"]["diffusion_views"]
     assert (d1["generated"], d1["cache_hits"], d1["requested"]) == (8 * 3, 0, 8 * 3)
     assert (d2["generated"], d2["cache_hits"], d2["requested"]) == (0, 8 * 3, 8 * 3)
     assert first["stream"]["subset"]["keys"] == second["stream"]["subset"]["keys"]

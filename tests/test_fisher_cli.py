@@ -84,14 +84,14 @@ def _imagenet_config(kind: str, **keys) -> dict:
             **keys}
 
 
-def test_fisher_data_takes_a_seeded_sample_of_the_clean_images(tmp_path):
-    from tta.run import fisher_data
+def test_clean_data_is_a_seeded_sample_of_the_clean_images(tmp_path):
+    from tta.data import clean_data_for
 
     root = make_imagenet_val(tmp_path / "imagenet", per_class=4)
     config = _imagenet_config("imagenet_c_onthefly", root=str(root))
 
     def ids(seed):
-        stream = fisher_data(config, seed, fisher_size=5, batch_size=2)
+        stream = clean_data_for(config, num_samples=5, seed=seed, batch_size=2)
         batches = list(stream)
         assert [b.images.shape[0] for b in batches] == [2, 2, 1]
         assert all(b.images.shape[1:] == (3, 224, 224) and 0 <= b.images.min() and b.images.max() <= 1
@@ -105,17 +105,47 @@ def test_fisher_data_takes_a_seeded_sample_of_the_clean_images(tmp_path):
     for name, keys in (("cifar10_c_onthefly", {"root": str(clean)}), ("cifar10_c", {"clean_root": str(clean)})):
         from tta.data import load_data_config
 
-        batches = list(fisher_data({**load_data_config(name), **keys}, 0, fisher_size=8, batch_size=4))
+        batches = list(clean_data_for({**load_data_config(name), **keys}, num_samples=8, seed=0, batch_size=4))
         assert [tuple(b.images.shape) for b in batches] == [(4, 3, 32, 32)] * 2, name
 
 
-def test_no_clean_root_configured_names_the_keys():
-    from tta.run import fisher_data, method_fisher_data
+def test_digits_clean_split_is_one_seeded_shuffled_tensor():
+    from tta.data import clean_data_for, load_data_config
+    from tta.data.digits import load_digits_split
+
+    config = load_data_config("digits_c")
+    train, _ = load_digits_split(config["fisher_split"])
+    a = clean_data_for(config, num_samples=100, seed=3)
+    assert isinstance(a, torch.Tensor) and a.shape == (100, 3, 32, 32)
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(3))  # EATA's shuffle
+    assert torch.equal(a, train[order[:100]])
+    assert torch.equal(a, clean_data_for(config, num_samples=100, seed=3))
+    assert not torch.equal(a, clean_data_for(config, num_samples=100, seed=4))
+    with pytest.raises(ValueError, match="fisher_split is only implemented for digits_c.*fisher_path"):
+        clean_data_for({**config, "kind": "image_folder"}, num_samples=8, seed=0)
+    with pytest.raises(ValueError, match="num_samples must be an integer >= 1"):
+        clean_data_for(config, num_samples=0, seed=0)
+
+
+def test_no_clean_images_names_the_keys_and_the_hint():
+    from tta.data import clean_data_for
 
     config = _imagenet_config("imagenet_c", root="/nowhere")
     with pytest.raises(FileNotFoundError, match=r"data\.clean_root.*method\.fisher_path"):
-        fisher_data(config, 0)
-    assert fisher_data(config, 0, required=False) is None
+        clean_data_for(config, num_samples=8, seed=0)
+    with pytest.raises(FileNotFoundError, match=r"data\.clean_root.*; use file F"):
+        clean_data_for(config, num_samples=8, seed=0, hint="use file F")
+    assert clean_data_for(config, num_samples=8, seed=0, required=False) is None
+    folder = {"name": "imagenet_r", "kind": "image_folder", "root": "/nowhere"}
+    assert clean_data_for(folder, num_samples=8, seed=0, required=False) is None
+    with pytest.raises(ValueError, match="no clean images known for data kind 'image_folder'.*fisher_path"):
+        clean_data_for(folder, num_samples=8, seed=0)
+
+
+def test_run_method_fisher_data():  # goes away with tta.run.method_fisher_data (the method declares its inputs)
+    from tta.run import method_fisher_data
+
+    config = _imagenet_config("imagenet_c", root="/nowhere")
     assert method_fisher_data({"fisher_alpha": 0}, config, 0) is None  # ETA in disguise needs no clean images
     with pytest.raises(FileNotFoundError, match="fisher_path=/tmp/x.pt does not exist yet"):
         method_fisher_data({"fisher_path": "/tmp/x.pt"}, config, 0)

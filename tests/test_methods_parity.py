@@ -488,7 +488,7 @@ def test_any_policy_on_any_method(name, extra):
     kwargs = {"fisher_data": torch.rand(16, 3, 32, 32)} if name == "eata" else {}
     method = methods.build(name, tiny(), batch_size=BS, lr=LR, extra_policies=extra, **kwargs)
     assert [p.name for p in method.policies][-len(extra):] == extra
-    assert ("crowds" in extra or name == "crowds") == (method.source is not None)
+    assert ("crowds" in extra or name == "crowds") == (method.frozen_source is not None)
     for x in batches(2):
         assert torch.isfinite(method(x)).all()
     pol = method.stats()["policies"]
@@ -497,6 +497,15 @@ def test_any_policy_on_any_method(name, extra):
     state = method.state_dict()
     again = methods.build(name, tiny(), batch_size=BS, lr=LR, extra_policies=extra, **kwargs)
     again.load_state_dict(state)
+    for key, value in again.state_dict().items():  # weights, buffers, counters and the optimizer state
+        if torch.is_tensor(value):
+            assert torch.equal(value, state[key]), key
+    torch.testing.assert_close(again.optimizer.state_dict()["state"], method.optimizer.state_dict()["state"])
+    if name != "deyo" and "plpd" not in extra:  # PLPD draws its patch shuffle from the global RNG
+        x = batches(3)[2]
+        torch.testing.assert_close(again(x), method(x))  # the restored method continues identically
+        for p, q in zip(again.adapted_parameters(), method.adapted_parameters()):
+            torch.testing.assert_close(p, q)
 
 
 def test_presets_and_learning_rates():
@@ -588,7 +597,7 @@ def test_repeated_policy_names_get_their_own_counters():
 def test_the_frozen_source_model_moves_with_the_method(name, extra):
     method = methods.build(name, tiny(), batch_size=BS, lr=LR, extra_policies=extra)
     method.double()
-    assert next(method.source[0].parameters()).dtype == torch.float64
+    assert next(method.frozen_source.parameters()).dtype == torch.float64
     assert "source" not in " ".join(method.state_dict())  # still not a submodule
     out = method(batches(1)[0].double())
     assert out.dtype == torch.float64 and torch.isfinite(out).all()

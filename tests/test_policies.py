@@ -1,4 +1,5 @@
-"""Selection policies against independent re-derivations on fixed logits (METHODS.md §3, §5, §6, §10)."""
+"""Selection policies against independent re-derivations on fixed logits (EATA, SAR, DeYO, wisdom of crowds),
+and the policy contract: level, needs, ``build`` and ``check_compatible``."""
 from __future__ import annotations
 
 import copy
@@ -10,8 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import tta.policies as policies
-from tta.policies.base import BatchContext
-from tta.policies.deyo import PLPD, occlude, occlusion_window, patch_shuffle, pixel_shuffle
+from tta.policies import PLPD, BatchContext, check_compatible, occlude, occlusion_window, patch_shuffle, pixel_shuffle
 
 C = 10
 
@@ -306,7 +306,102 @@ def test_plpd_view_is_shared_through_the_context_and_skipped_when_nothing_is_ali
 
 
 def test_policies_deepcopy_and_move():
-    policy = PLPD(seed=3)
-    copy.deepcopy(policy)
+    """A deep copy is independent (buffers and the PLPD generator), and ``.double()`` / ``.to(device)``
+    move every buffer of a policy (the running prediction, ADTE's label-bias memory)."""
     red = policies.build("redundancy", num_classes=C)
     assert "m" in dict(red.named_buffers()) and "m_exists" in dict(red.named_buffers())
+    red(ctx_for(fixed_logits()), torch.ones(12, dtype=torch.bool))
+    m = red.m.clone()
+    twin = copy.deepcopy(red).double()
+    assert twin.m.dtype == torch.float64 and twin.m_exists.dtype == torch.bool  # floats converted, flags not
+    assert red.m.dtype == torch.float32 and torch.equal(twin.m, m.double())
+    twin.clear()
+    assert bool(red.m_exists) and torch.equal(red.m, m)  # the original is untouched
+    meta = copy.deepcopy(red).to(torch.device("meta"))  # a real device move without a GPU
+    assert {b.device.type for b in meta.buffers()} == {"meta"} and red.m.device.type == "cpu"
+
+    ranking = policies.build("tsallis", num_classes=C).double()
+    assert ranking.q_index.dtype == ranking.log_bias.dtype == ranking.bias.memory.dtype == torch.float64
+    assert ranking.bias.entries.dtype == torch.long
+    moved = copy.deepcopy(ranking).to(torch.device("meta"))
+    assert {b.device.type for b in moved.buffers()} == {"meta"}
+    assert {b.device.type for b in ranking.buffers()} == {"cpu"}
+
+    policy = PLPD(seed=3)
+    torch.rand(4, generator=policy.generator())  # advance the policy's own generator
+    clone = copy.deepcopy(policy)
+    assert clone.generator() is not policy.generator()
+    assert torch.equal(torch.rand(4, generator=clone.generator()), torch.rand(4, generator=policy.generator()))
+
+
+# ---------------------------------------------------------------- the contract: level, needs, build
+def test_every_policy_declares_its_level_and_needs():
+    expected = {"entropy_margin": ("samples", ()), "eata_weight": ("samples", ()), "redundancy": ("samples", ()),
+                "plpd": ("samples", ("model",)), "crowds": ("samples", ("source",)), "confidence": ("samples", ()),
+                "cosine_filter": ("views", ()), "difftpt_confidence": ("views", ()), "tpt_confidence": ("views", ()),
+                "tsallis": ("views", ())}
+    assert set(expected) <= set(policies.available())
+    for name, (level, needs) in expected.items():
+        policy = policies.build(name, num_classes=C)
+        assert (policy.level, tuple(policy.needs)) == (level, needs), name
+    # needs may depend on the settings: the cosine filter on embeddings needs them
+    assert policies.build("cosine_filter", on="embeddings").needs == ("embeddings",)
+    assert policies.build("cosine_filter", on="logits").needs == ()
+
+
+def test_build_passes_num_classes_only_to_policies_that_take_it():
+    assert policies.build("redundancy", num_classes=7).m.shape == (7,)
+    assert policies.build("tsallis", num_classes=7).q_index.shape == (7,)
+    policies.build("entropy_margin", num_classes=7)  # offered, not taken
+    with pytest.raises(TypeError):  # it is not part of these constructors
+        policies.EntropyMargin(num_classes=7)
+    with pytest.raises(TypeError):  # any other unknown keyword is still an error
+        policies.build("entropy_margin", nonsense=1)
+
+
+def test_a_policy_must_declare_a_known_level_and_known_needs():
+    with pytest.raises(TypeError, match="level"):
+        type("Bad", (policies.Policy,), {"level": "pixels"})
+    with pytest.raises(TypeError, match="unknown signals"):
+        type("Bad", (policies.Policy,), {"needs": ("labels",)})
+
+
+def test_check_compatible_names_the_policy_and_the_method():
+    tsallis = policies.build("tsallis", num_classes=C)
+    with pytest.raises(ValueError) as err:
+        check_compatible(tsallis, level="samples", provides={"source", "model"}, method="tent",
+                         alternatives=["tpt", "difftpt", "adte"])
+    assert str(err.value) == ("policy 'tsallis' ranks the views of one image; method 'tent' adapts on batches of "
+                              "samples: use it with tpt, difftpt or adte")
+    with pytest.raises(ValueError, match="policy 'entropy_margin' ranks or weights the samples of a batch; method 'tpt' "
+                                         "adapts on the views of one image at a time: use it with a method that "
+                                         "adapts on batches of samples"):
+        check_compatible(policies.build("entropy_margin"), level="views", provides={"embeddings"}, method="tpt")
+    with pytest.raises(ValueError, match="policy 'crowds' needs the frozen source model .*method 'eta' does not provide it"):
+        check_compatible(policies.build("crowds"), level="samples", provides={"model"}, method="eta")
+    with pytest.raises(ValueError, match="policy 'cosine_filter' needs image embeddings of the views; method 'x'"):
+        check_compatible(policies.build("cosine_filter", on="embeddings"), level="views", provides=set(), method="x")
+    with pytest.raises(ValueError, match="unknown policy level"):
+        check_compatible(tsallis, level="images", provides=set(), method="x")
+    with pytest.raises(ValueError, match="unknown signals"):
+        check_compatible(tsallis, level="views", provides={"labels"}, method="x")
+    # compatible combinations pass
+    check_compatible(tsallis, level="views", provides=set(), method="tpt")
+    check_compatible(policies.build("cosine_filter", on="embeddings"), level="views", provides={"embeddings"}, method="x")
+    check_compatible(policies.build("crowds"), level="samples", provides={"source", "model"}, method="tent")
+    check_compatible(PLPD(), level="samples", provides={"source", "model"}, method="eta")
+
+
+# ---------------------------------------------------------------- confidence (the extending example)
+def test_confidence_keeps_max_probability_at_or_above_the_threshold():
+    logits = fixed_logits()
+    alive = torch.ones(12, dtype=torch.bool)
+    alive[-1] = False
+    top = logits.softmax(1).max(1).values
+    threshold = float(top[6])
+    keep = policies.build("confidence", threshold=threshold)(ctx_for(logits), alive)
+    expected = alive & (top >= threshold)  # inclusive: sample 6 itself is kept
+    assert torch.equal(keep, expected.float()) and keep[6] == 1 and 0 < expected.sum() < 11
+    assert policies.build("confidence").threshold == 0.95  # FixMatch's
+    with pytest.raises(ValueError, match="threshold"):
+        policies.build("confidence", threshold=1.5)

@@ -1,17 +1,24 @@
-"""Streams: seeded order and images, unique ids, batching, cuts, prefetching, legacy domains, AUROC."""
+"""Streams: seeded order and images, unique ids, batching, cuts, prefetching, resuming, input checks, AUROC."""
 from __future__ import annotations
+
+import time
 
 import numpy as np
 import pytest
 import torch
 
 from data_fixtures import CORRUPTIONS, imagenet_config, make_imagenet_val
-from tta.data import Batch, Domain, DomainStream, Segment, Stream, build_stream, corrupt, load_data_config
+from tta.data import Batch, Domain, Segment, Stream, build_stream, corrupt, load_data_config
 from tta.metrics import DomainMetrics, auroc
 
 
 def _digits(**overrides):
     return dict(load_data_config("digits_c"), corruptions=["gaussian_noise", "brightness"], **overrides)
+
+
+def _one_domain(domain, **options):
+    """A stream over one domain's samples in index order."""
+    return Stream([domain], [Segment(domain.name, np.zeros(len(domain)), np.arange(len(domain)))], **options)
 
 
 def _collect(stream):
@@ -107,16 +114,16 @@ def test_prefetch_propagates_errors_and_stops_early():
         raise RuntimeError("transform exploded")
 
     images, labels = torch.rand(10, 3, 8, 8), torch.zeros(10, dtype=torch.long)
-    stream = DomainStream([Domain("a", images, labels, transform=broken)], batch_size=4, prefetch=2)
+    stream = _one_domain(Domain("a", images, labels, transform=broken), batch_size=4, prefetch=2)
     with pytest.raises(RuntimeError, match="exploded"):
         list(stream)
-    stream = DomainStream([Domain("a", images, labels)], batch_size=1, prefetch=2)
+    stream = _one_domain(Domain("a", images, labels), batch_size=1, prefetch=2)
     for batch in stream:  # leaving early stops the loader thread
         break
     assert isinstance(batch, Batch)
 
 
-def test_legacy_domain_stream_with_tensors_and_custom_ids():
+def test_stream_of_tensors_with_custom_ids():
     images, labels = torch.rand(6, 3, 8, 8), torch.arange(6) % 2
     seen = []
 
@@ -124,8 +131,8 @@ def test_legacy_domain_stream_with_tensors_and_custom_ids():
         seen.append(ids.clone())
         return 1 - x
 
-    stream = DomainStream([Domain("d", images, labels, transform=transform, ids=torch.arange(100, 106))],
-                          batch_size=4, shuffle=False, prefetch=0)
+    stream = _one_domain(Domain("d", images, labels, transform=transform, ids=torch.arange(100, 106)),
+                         batch_size=4, prefetch=0)
     batches = list(stream)
     assert torch.equal(batches[0].images, 1 - images[:4]) and torch.equal(batches[1].labels, labels[4:])
     assert torch.equal(torch.cat(seen), torch.arange(100, 106))
@@ -176,3 +183,124 @@ def test_stream_record_has_seed_and_hashes():
     assert info["plan_hash"] == build_stream(_digits(), setting="label_shift", seed=5)[0].describe()["plan_hash"]
     assert info["plan_hash"] != build_stream(_digits(), setting="label_shift", seed=6)[0].describe()["plan_hash"]
     assert set(CORRUPTIONS) == {d.split("/")[0] for d in info["domains"]}
+
+
+# ------------------------------------------------------------------ resuming
+
+
+def _same_batches(expected, got):
+    assert len(expected) == len(got)
+    for a, b in zip(expected, got):
+        assert a.domain == b.domain and a.number == b.number
+        assert torch.equal(a.ids, b.ids) and torch.equal(a.labels, b.labels) and torch.equal(a.images, b.images)
+
+
+@pytest.mark.parametrize("setting", ["reset_each_shift", "continual", "label_shift", "mixed_domains", "open_set",
+                                     "forgetting"])
+def test_stream_started_at_a_batch_equals_the_rest_of_an_uninterrupted_one(setting):
+    def make(prefetch):
+        return build_stream(_digits(subset=250), setting=setting, seed=3, batch_size=50, max_samples=1000,
+                            prefetch=prefetch)[0]
+
+    full = list(make(2))
+    assert [b.number for b in full] == list(range(len(full))) and len(full) >= 10
+    assert len({b.domain for b in full}) > 1 or setting == "mixed_domains"  # crosses a domain change
+    for k, prefetch in [(0, 2), (1, 0), (7, 2), (len(full) - 1, 0), (len(full), 2)]:
+        _same_batches(full[k:], list(make(prefetch).iterate(start_batch=k)))
+    with pytest.raises(ValueError, match="start_batch"):
+        next(make(0).iterate(start_batch=len(full) + 1))
+
+
+def test_skipped_batches_are_never_produced():
+    seen = []
+
+    def transform(x, ids):
+        seen.append(ids.clone())
+        return x
+
+    images, labels = torch.rand(10, 3, 4, 4), torch.zeros(10, dtype=torch.long)
+    for prefetch in (0, 2):
+        seen.clear()
+        stream = _one_domain(Domain("a", images, labels, transform=transform), batch_size=3, prefetch=prefetch)
+        batches = list(stream.iterate(start_batch=2))
+        assert [b.number for b in batches] == [2, 3] and len(stream) == 4
+        assert torch.cat(seen).tolist() == [6, 7, 8, 9]  # batches 0 and 1 were not read or transformed
+
+
+def test_resume_from_state_dict_with_workers_and_bad_images(tmp_path):
+    """A stream stopped after batch n and resumed from its state_dict (as a checkpoint would) gives the
+    rest of the batches and the same bad-image record as an uninterrupted run, with DataLoader workers."""
+    root = make_imagenet_val(tmp_path, per_class=3)
+    (root / "val" / "n01440764" / "ILSVRC2012_val_99999999.JPEG").write_bytes(b"not a jpeg")
+    config = imagenet_config(root, "imagenet_c_onthefly") | {"num_workers": 2}
+
+    def make():
+        return build_stream(config, setting="continual", seed=4, batch_size=3)[0]
+
+    whole = make()
+    full = list(whole)
+    assert whole.describe()["bad_images"]["skipped_samples"] == 2  # one file, two domains
+    planned = [min(3, len(seg) - start) for seg in whole.segments for start in range(0, len(seg), 3)]
+    short = [b.number for b in full if len(b.labels) < planned[b.number]]  # the batches with the bad file
+    stops = [s - 1 for s in short if s >= 1]  # stop just before one: the loader has already read it
+    assert len(short) == 2 and stops
+    for n in stops:
+        first = make()
+        for batch in first:
+            if batch.number == n:
+                time.sleep(0.3)  # the model works on batch n while the loader finishes the next ones
+                break  # stopped after processing batch n
+        state = first.state_dict()
+        assert state["next_batch"] == n + 1
+        state = torch.load(_saved(tmp_path / "state.pt", state), weights_only=True)  # a checkpoint round trip
+        second = make()
+        second.load_state_dict(state)
+        _same_batches(full[n + 1:], list(second))
+        assert second.describe() == whole.describe()
+
+
+def _saved(path, obj):
+    torch.save(obj, path)
+    return path
+
+
+def test_state_of_another_plan_is_refused():
+    state = build_stream(_digits(), seed=0, batch_size=50)[0].state_dict()
+    for other in [dict(seed=1, batch_size=50), dict(seed=0, batch_size=64), dict(seed=0, batch_size=50, max_samples=100)]:
+        with pytest.raises(ValueError, match="another stream plan"):
+            build_stream(_digits(), **other)[0].load_state_dict(state)
+
+
+# ------------------------------------------------------------------ input checks
+
+
+@pytest.mark.parametrize("value", [0, -1, 2.5, 64.0, "64", "abc", True])
+def test_batch_size_and_max_samples_must_be_positive_integers(value):
+    with pytest.raises(ValueError, match=r"batch_size must be an integer >= 1.*got"):
+        build_stream(_digits(), batch_size=value)
+    with pytest.raises(ValueError, match=r"max_samples must be an integer >= 1.*got"):
+        build_stream(_digits(), max_samples=value)
+
+
+def test_batch_size_none_means_the_setting_then_the_config():
+    assert build_stream(_digits(), batch_size=None)[0].batch_size == 64
+    assert build_stream(_digits(batch_size=32), batch_size=None)[0].batch_size == 32
+    assert build_stream(_digits(batch_size=32), setting="bs1", batch_size=None)[0].batch_size == 1
+    assert build_stream(_digits(), setting="bs1", batch_size=4)[0].batch_size == 4
+    with pytest.raises(ValueError, match="digits_c: batch_size must be an integer >= 1"):
+        build_stream(_digits(batch_size=0))
+    with pytest.raises(ValueError, match="setting bs1: batch_size must be an integer >= 1"):
+        build_stream(_digits(), setting={"name": "bs1", "batch_size": 0})
+
+
+@pytest.mark.parametrize("value", [0, 6, 2.5, "abc", [], [1, 9], True])
+def test_severity_must_be_one_to_five(value):
+    with pytest.raises(ValueError, match="severity must be an integer from 1 to 5"):
+        build_stream(_digits(), severity=value)
+
+
+def test_valid_severities_and_gradual_severities_are_checked():
+    stream, _ = build_stream(_digits(), severity=[2, 4], max_samples=10)
+    assert {d.severity for d in stream.parts} == {2, 4}
+    with pytest.raises(ValueError, match="gradual setting: severities must be"):
+        build_stream(_digits(), setting={"name": "gradual", "severities": [1, 7]})

@@ -34,14 +34,18 @@ def test_one_tent_step_matches_hand_derivation(spec):
     normalised = model.normalize(x)
     ref_logits, ref_params = _reference_tent_step(model.net, normalised, lr=1e-2)
     method = tta.methods.build("tent", model, params="bn", lr=1e-2)
+    before = {n: p.detach().clone() for n, p in method.model.net.named_parameters()}
     logits = method(x)
     torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-5)
     ours = [p for m in method.model.net.modules() if isinstance(m, nn.BatchNorm2d) for p in (m.weight, m.bias)]
     for got, want in zip(ours, ref_params):
         torch.testing.assert_close(got.detach(), want, rtol=1e-5, atol=1e-6)
-    # nothing but BN affine moved
-    frozen = [p for n, p in method.model.net.named_parameters() if not p.requires_grad]
-    assert frozen and all(not p.requires_grad for p in frozen)
+    # nothing but BN affine moved, and the BN affine parameters did move
+    bn = {f"{m}.{p}" for m, mod in method.model.net.named_modules() if isinstance(mod, nn.BatchNorm2d)
+          for p in ("weight", "bias")}
+    assert set(method.param_names) == bn
+    for n, p in method.model.net.named_parameters():
+        assert torch.equal(p.detach(), before[n]) != (n in bn), n
     stats = method.stats()["counters"]
     assert stats["steps"] == 1 and stats["kept"] == 16 and stats["forwards"] == 1
 

@@ -14,9 +14,9 @@ import torch.nn.functional as F
 
 from tiny_clip import build_tiny_clip, write_image_folder
 from tta.methods import build
-from tta.methods.tpt import weighted_marginal_entropy
 from tta.models.clip import load_clip_classifier
-from tta.policies.tsallis import TPTConfidence
+from tta.objectives import weighted_marginal_entropy
+from tta.policies import TPTConfidence
 
 CLASSES = ["goldfish", "red fox", "tabby cat", "great white shark", "axolotl"]
 MEAN = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
@@ -96,7 +96,7 @@ def official_tpt(model, views, optimizer, optim_state, scaler, selection=0.1, st
 def test_marginal_entropy_and_selection_match_tpt():
     logits = torch.randn(64, 7) * 3
     kept, idx = official_select(logits, 0.1)
-    weights = TPTConfidence(7, 0.1).select(logits)
+    weights = TPTConfidence(fraction=0.1).select(logits)
     assert int(weights.sum()) == 6 and set(weights.nonzero().flatten().tolist()) == set(idx.tolist())
     torch.testing.assert_close(weighted_marginal_entropy(logits, weights), official_avg_entropy(kept))
 

@@ -16,7 +16,7 @@ from typing import Any, Sequence
 from torch import nn
 
 from . import methods, policies
-from .methods.base import Method
+from .methods import Method
 from .models.classifier import Classifier, load_classifier
 
 __version__ = "0.1.0"
@@ -37,7 +37,7 @@ def adapt(model: nn.Module | str, method: str = "tent", *, extra_policies: Seque
         overrides: hyperparameters of the method (``lr=``, ``steps=``, ...).
 
     Returns:
-        A :class:`~tta.methods.base.Method` (an ``nn.Module``): ``logits = adapted(x)``, ``reset()``,
+        A :class:`~tta.methods.Method` (an ``nn.Module``): ``logits = adapted(x)``, ``reset()``,
         ``state_dict()`` / ``load_state_dict()``. Batches with NaN/Inf raise ``ValueError`` and never
         reach the weights; a non-finite loss or an empty selection skips the update.
     """

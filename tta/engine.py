@@ -2,8 +2,9 @@
 
     results = tta.engine.run(method, stream, source_model=frozen_copy)
 
-Per batch the engine calls ``method(x)`` (which returns the logits of that batch's prediction and
-adapts), optionally runs the frozen source model on the same batch for ``source_accuracy``, and
+Per batch the engine calls every method the same way, ``method(x, ids=..., domain=...)`` (which
+returns the logits of that batch's prediction and adapts; sample ids and the domain name are there
+for the methods that use them), optionally runs the frozen source model on the same batch for ``source_accuracy``, and
 accumulates accuracy, NLL and ECE on the device. The host reads them at the end of each domain and
 every ``log_every`` batches for the progress bar.
 """
@@ -18,7 +19,7 @@ from torch import nn
 
 from .data.stream import Batch, OrderHash
 from .metrics import DomainMetrics, mean_over_domains
-from .methods.base import Method
+from .methods import Method
 
 
 def _autocast(device: torch.device, amp: bool):
@@ -50,17 +51,6 @@ def check_labels(labels: torch.Tensor, num_classes: int, open_set: bool = False)
                          f"got min {int(labels.min())}, max {int(labels.max())}")
 
 
-def prepare(method: Method, *, device: torch.device, channels_last: bool = False, compile: bool = False) -> Method:
-    method.to(device)
-    models = [method.model] + ([method.source[0].to(device)] if method.source else [])
-    for model in models:  # the frozen copy gets the same kernels, so first-batch ties stay exact
-        if channels_last:
-            model.to(memory_format=torch.channels_last)
-        if compile:
-            model.net.compile()
-    return method
-
-
 def run(
     method: Method,
     stream: Iterable[Batch],
@@ -85,7 +75,7 @@ def run(
         amp: bf16 autocast; channels_last / compile: speed options.
     """
     device = torch.device(device) if device is not None else next(method.parameters()).device
-    prepare(method, device=device, channels_last=channels_last, compile=compile)
+    method.prepare(device=device, channels_last=channels_last, compile=compile)
     if source_model is not None:
         source_model.to(device).eval().requires_grad_(False)
         if channels_last:
@@ -116,9 +106,7 @@ def run(
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with _autocast(device, amp):
-            # TPT-family methods seed their views per sample id and keep per-domain state
-            logits = (method(x, ids=batch.ids, domain=batch.domain) if getattr(method, "takes_batch_info", False)
-                      else method(x))
+            logits = method(x, ids=batch.ids, domain=batch.domain)
             source_logits = None
             if source_model is not None:
                 with torch.no_grad():

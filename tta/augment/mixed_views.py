@@ -226,34 +226,5 @@ def build_diffusion_views(cfg: dict[str, Any] | None, *, required: bool = False,
     return DiffusionViews(pipeline or DEFAULT_PIPELINE, dtype=dtypes[dtype], progress=progress, **kwargs)
 
 
-def attach_diffusion_views(method: Any, cfg: dict[str, Any] | None, stream: Any = None, *, device: Any = None,
-                           progress: bool = True) -> Callable[[], dict[str, Any]] | None:
-    """Give ``method`` the diffusion views the CLI's ``augment.diffusion`` asks for.
-
-    DiffTPT (``needs_diffusion_views``) always gets them (the default pipeline when none is named);
-    any other method whose views come from a ``ViewGenerator`` (TPT, ADTE) gets them when
-    ``augment.diffusion.pipeline`` is set, added to or replacing its crops (``augment.diffusion.mode``).
-    Returns a callable giving the ``augment.diffusion`` part of the run record, or ``None``.
-    """
-    cfg = dict(cfg or {})
-    required = bool(getattr(method, "needs_diffusion_views", False))
-    diffusion = build_diffusion_views(cfg, required=required, device=device, progress=progress)
-    if diffusion is None:
-        return None
-    names = StreamImageNames(stream) if stream is not None else None
-    if required:
-        method.set_diffusion_views(diffusion, names=names)
-        return method.views.stats
-    views = getattr(method, "views", None)
-    if not isinstance(views, ViewGenerator):
-        raise ValueError(f"augment.diffusion.pipeline is set but method {getattr(method, 'name', method)!r} makes no "
-                         f"augmented views (diffusion views feed view-based methods: tpt, adte, difftpt)")
-    wrapped = DiffusionViewGenerator(views, diffusion, mode=cfg.get("mode") or "add", names=names)
-    method.views = wrapped
-    if hasattr(method, "num_views"):
-        method.num_views = wrapped.num_views  # ADTE reshapes its logits by it; TPT records it
-    return wrapped.stats
-
-
-__all__ = ["DiffusionViewGenerator", "MODES", "MixedPlan", "StreamImageNames", "attach_diffusion_views",
-           "build_diffusion_views", "describe_diffusion", "preprocess_tag"]
+__all__ = ["DiffusionViewGenerator", "MODES", "MixedPlan", "StreamImageNames", "build_diffusion_views", "describe_diffusion",
+           "preprocess_tag"]

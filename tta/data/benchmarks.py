@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import importlib
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -31,6 +30,8 @@ import torch
 
 from ..registry import Registry
 from . import settings as settings_module
+from .benchmark import Benchmark
+from .checks import positive_int, severity_list
 from .decode import Preprocess
 from .sources import FileSource, ImageSource, NoiseSource, index_image_files
 from .stream import Domain, Stream
@@ -39,18 +40,6 @@ LOADERS: Registry[Callable[..., Any]] = Registry("dataset kind")
 ASSETS = Path(__file__).resolve().parent / "assets"
 NAMED_CLASS_LISTS = {"imagenet": ASSETS / "imagenet_wnids.txt"}
 _LOADER_MODULES = ("imagenet_c", "cifar_c", "folders")
-
-
-@dataclass
-class Benchmark:
-    """What a loader returns: the test domains and, if available, the clean images (lazily)."""
-
-    name: str
-    domains: list[Domain]
-    clean: Callable[[], Domain] | Domain | None = None
-    image_size: tuple[int, int] | None = None
-    preprocess: Preprocess | None = None
-    info: dict[str, Any] = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -100,12 +89,10 @@ def require_root(config: dict[str, Any], what: str, layout: str) -> Path:
 
 
 def severities_of(config: dict[str, Any], severity: int | list[int] | None) -> list[int]:
-    value = config.get("severity", 5) if severity is None else severity
-    values = [int(v) for v in (value if isinstance(value, (list, tuple)) else [value])]
-    for v in values:
-        if not 1 <= v <= 5:
-            raise ValueError(f"severity must be between 1 and 5, got {v}")
-    return values
+    """``severity`` (1..5 or a list), else the config's ``severity`` (default 5)."""
+    if severity is None:
+        return severity_list(config.get("severity", 5), f"{config.get('name', 'data')}: severity")
+    return severity_list(severity)
 
 
 def corruptions_of(config: dict[str, Any], *, synthesized: bool) -> list[str]:
@@ -263,16 +250,29 @@ def build_stream(config: dict[str, Any], *, setting: str | dict[str, Any] | None
     Args:
         setting: a setting name or a dict with ``name`` and options (see :mod:`tta.data.settings`).
         severity: the severities (default: the config's); the gradual setting uses its own.
-        batch_size: default: the setting's (``bs1``: 1), then the config's (64).
-        max_samples: cut the stream after this many samples.
+        batch_size: an integer >= 1; ``None``: the setting's (``bs1``: 1), else the config's (64).
+        max_samples: cut the stream after this many samples (an integer >= 1; ``None``: all).
         on_bad_image, num_workers, prefetch, decode: default to the data config's entries.
+
+    A ``batch_size``, ``max_samples`` or ``severity`` that is not a valid number raises ``ValueError``
+    before anything is loaded.
     """
+    batch_size = positive_int(batch_size, "batch_size", none_means="the data config's default")
+    max_samples = positive_int(max_samples, "max_samples", none_means="the whole stream")
+    if severity is not None:
+        severity = severity_list(severity)
     options = settings_module.resolve(setting)
     needed = settings_module.severities_needed(options)
     bench = load_benchmark(config, severity=needed if needed is not None else severity, seed=seed)
     bench = _with_subset(bench, config, seed)
-    plan = settings_module.plan(bench, options, seed=seed, shuffle=shuffle)
-    size = batch_size or options.get("batch_size") or config.get("batch_size", 64)
+    plan = settings_module.plan(bench, options, seed=seed, shuffle=shuffle,
+                                ood_source=lambda needed: ood_source(bench, options, seed=seed, needed=needed))
+    if batch_size is not None:
+        size = batch_size
+    elif options.get("batch_size") is not None:
+        size = positive_int(options["batch_size"], f"setting {options['name']}: batch_size")
+    else:
+        size = positive_int(config.get("batch_size", 64), f"{config.get('name', 'data')}: batch_size")
     stream = Stream(plan.parts, plan.segments, batch_size=size, seed=seed, device=device, max_samples=max_samples,
                     info={"dataset": config.get("name", bench.name), **bench.info, **plan.info},
                     summarize=plan.summarize,

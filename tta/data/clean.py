@@ -1,4 +1,8 @@
-"""Clean images of a corruption benchmark's data config, e.g. for EATA's Fisher on the command line.
+"""Clean images of a data config, for methods that need them (EATA's Fisher) and the forgetting setting.
+
+:func:`clean_data_for` is what a run hands a method that declared it needs clean images: digits-C's
+training split (``fisher_split``) as one shuffled tensor, or a :func:`clean_batches` stream of the
+ImageNet-C / CIFAR-C clean images; ``None`` (or an error naming what to set) when there are none.
 
 Where the clean images are (``clean_root`` when set, else the on-the-fly configs' ``root``, which
 is the clean set itself):
@@ -23,12 +27,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from .benchmarks import loading_options, class_list, preprocess_of
+from .checks import positive_int
 from .sources import FileSource, ImageSource
 from .stream import Domain, Segment, Stream, shuffled
 
 CLEAN_KINDS = ("imagenet_c", "imagenet_c_onthefly", "cifar_c", "cifar_c_onthefly")
+SPLIT_KINDS = ("digits_c",)  # kinds whose data config may name a clean split (``fisher_split``)
+DEFAULT_HINT = "or pass a precomputed file instead (EATA: method.fisher_path=<file>)"
 
 
 def clean_root_of(config: dict[str, Any]) -> str | None:
@@ -101,3 +109,53 @@ def clean_batches(config: dict[str, Any], *, num_samples: int, seed: int, batch_
     return Stream([Domain("clean", source)], [Segment("clean", [0] * len(order), order)], batch_size=batch_size,
                   seed=int(seed), device=device, info={"dataset": config.get("name"), "setting": "clean"},
                   **loading_options(config, **loading))
+
+
+def clean_data_for(config: dict[str, Any], *, num_samples: int, seed: int, batch_size: int = 64,
+                   device: torch.device | str = "cpu", required: bool = True, on_bad_image: str | None = None,
+                   purpose: str = "clean images", hint: str | None = None) -> Tensor | Stream | None:
+    """Clean images of the data ``config`` for a method that needs them (EATA's Fisher), in an order
+    seeded by ``seed`` (as EATA's ``main.py`` shuffles its clean set before taking its first images).
+
+    * ``fisher_split`` (digits-C, e.g. ``train``): that split as one tensor (N, 3, 32, 32) in [0, 1] on
+      the CPU, shuffled by ``torch.randperm`` seeded with ``seed`` and cut to its first ``num_samples``;
+    * ImageNet-C / CIFAR-10/100-C (released and on the fly): ``num_samples`` images of the clean set
+      (``data.clean_root``; on-the-fly configs default to ``data.root``) as a :func:`clean_batches`
+      stream of ``batch_size`` batches on ``device``, which reads only those images;
+    * any other kind: ``None``.
+
+    Args:
+        required: the method cannot run without them. Missing clean images (a kind without any, or
+            a clean folder not configured or not found) then raise an error that names the folder,
+            the config key and ``hint``; else they give ``None``.
+        on_bad_image: ``skip`` or ``fail`` (default: the data config's).
+        purpose: what the images are for, in error messages (``"EATA's Fisher"``).
+        hint: what else the user can do, appended to errors (default :data:`DEFAULT_HINT`).
+    """
+    num_samples = positive_int(num_samples, "num_samples")
+    batch_size = positive_int(batch_size, "batch_size")
+    hint = DEFAULT_HINT if hint is None else hint
+    kind = config.get("kind", config.get("name"))
+    name = config.get("name", kind)
+    split = config.get("fisher_split")
+    if split:
+        if kind not in SPLIT_KINDS:
+            raise ValueError(f"{name}: fisher_split is only implemented for {', '.join(SPLIT_KINDS)} data, not "
+                             f"{kind!r}" + (f"; {hint}" if hint else ""))
+        from .digits import load_digits_split
+
+        images, _ = load_digits_split(split)
+        order = torch.randperm(images.shape[0], generator=torch.Generator().manual_seed(int(seed)))
+        return images[order[:num_samples]]
+    if kind not in CLEAN_KINDS:
+        if not required:
+            return None
+        raise ValueError(f"{name}: {purpose}: no clean images known for data kind {kind!r} (only "
+                         f"{', '.join(CLEAN_KINDS + SPLIT_KINDS)})" + (f"; {hint}" if hint else ""))
+    try:
+        return clean_batches(config, num_samples=num_samples, seed=seed, batch_size=batch_size, device=device,
+                             purpose=purpose, on_bad_image=on_bad_image)
+    except FileNotFoundError as error:
+        if not required:
+            return None
+        raise FileNotFoundError(f"{error}" + (f"; {hint}" if hint else "")) from None

@@ -32,6 +32,14 @@ Deviations from the reference, all of them deliberate:
 * JPEG: libjpeg through ``torchvision.io`` (the same codec PIL uses, so the same images), on the
   CPU also for CUDA inputs (see ``_jpeg_compression``).
 * Pixelate: the same PIL box/nearest geometry, without PIL's intermediate uint8 rounding.
+
+Channels: the reference turns every image into RGB first. Here the corruptions that treat the
+channels alike (every noise, every blur, fog, contrast, elastic transform, pixelate) take any number
+of channels, so a greyscale stream is corrupted as greyscale; JPEG takes 1 or 3 (what the codec
+encodes). Five need RGB (:data:`RGB_CORRUPTIONS`): ``snow`` (a greyscale conversion of RGB),
+``frost`` (RGB textures), ``brightness`` and ``saturate`` (HSV), ``spatter`` (coloured water and
+mud); other channel counts raise a ``ValueError`` that names them (convert first, e.g. with
+``tta.data.channels.convert_channels(images, 3)``, as the reference does).
 """
 from __future__ import annotations
 
@@ -48,7 +56,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["CORRUPTIONS", "EXTRA_CORRUPTIONS", "ALL_CORRUPTIONS", "corrupt"]
+__all__ = ["CORRUPTIONS", "EXTRA_CORRUPTIONS", "ALL_CORRUPTIONS", "RGB_CORRUPTIONS", "corrupt", "supports_channels"]
 
 CORRUPTIONS: tuple[str, ...] = (
     "gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "glass_blur", "motion_blur",
@@ -61,6 +69,11 @@ EXTRA_CORRUPTIONS: tuple[str, ...] = ("speckle_noise", "gaussian_blur", "spatter
 """The four held-out ("validation") corruptions of ImageNet-C."""
 
 ALL_CORRUPTIONS: tuple[str, ...] = CORRUPTIONS + EXTRA_CORRUPTIONS
+
+RGB_CORRUPTIONS: tuple[str, ...] = ("snow", "frost", "brightness", "saturate", "spatter")
+"""Corruptions defined on RGB only (colour-space conversions, RGB textures or colours)."""
+
+_JPEG_CHANNELS = (1, 3)
 
 _INPUT_TOLERANCE = 1e-3
 _FROST_DIR = Path(__file__).resolve().parent / "assets" / "frost"
@@ -746,9 +759,14 @@ def _check_inputs(images: Tensor, name: str, severity: int, ids: Optional[Tensor
     if isinstance(severity, bool) or not isinstance(severity, (int, np.integer)) \
             or not 1 <= severity <= 5:
         raise ValueError(f"severity must be an integer in 1..5, got {severity!r}")
-    if not isinstance(images, Tensor) or images.ndim != 4 or images.shape[1] != 3:
+    if not isinstance(images, Tensor) or images.ndim != 4 or images.shape[1] < 1:
         shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
-        raise ValueError(f"images must be a float tensor of shape (N, 3, H, W), got {shape}")
+        raise ValueError(f"images must be a float tensor of shape (N, C, H, W), got {shape}")
+    if not supports_channels(name, images.shape[1]):
+        needed = "1 or 3 channels" if name == "jpeg_compression" else "RGB (3 channels)"
+        raise ValueError(f"corruption {name!r} needs {needed}, got {images.shape[1]} channels. The corruptions "
+                         f"that need RGB are {', '.join(RGB_CORRUPTIONS)}; convert the images first "
+                         f"(tta.data.channels.convert_channels(images, 3)), as the reference does")
     if not images.is_floating_point():
         raise ValueError(f"images must be floating point in [0, 1], got dtype {images.dtype}")
     if min(images.shape[-2:]) < 2:
@@ -765,13 +783,23 @@ def _check_inputs(images: Tensor, name: str, severity: int, ids: Optional[Tensor
     return ids.to(device=images.device, dtype=torch.int64)
 
 
+def supports_channels(name: str, channels: int) -> bool:
+    """Whether corruption ``name`` accepts images with ``channels`` channels (see the module docstring)."""
+    if name in RGB_CORRUPTIONS:
+        return channels == 3
+    if name == "jpeg_compression":
+        return channels in _JPEG_CHANNELS
+    return channels >= 1
+
+
 def corrupt(images: Tensor, name: str, severity: int, seed: int = 0,
             ids: Optional[Tensor] = None) -> Tensor:
     """Apply an ImageNet-C corruption (Hendrycks & Dietterich, ICLR 2019) to a batch.
 
     Args:
-        images: float tensor (N, 3, H, W) with values in [0, 1], on any device, any size
+        images: float tensor (N, C, H, W) with values in [0, 1], on any device, any size
             (the reference's pixel-based parameters are used as they are, as for CIFAR-10-C).
+            C = 3 for :data:`RGB_CORRUPTIONS`, 1 or 3 for ``jpeg_compression``, any C otherwise.
         name: one of :data:`ALL_CORRUPTIONS`.
         severity: 1..5.
         seed: seed of the corruption stream.
@@ -784,8 +812,9 @@ def corrupt(images: Tensor, name: str, severity: int, seed: int = 0,
         float64 for float64 inputs and in float32 otherwise.
 
     Raises:
-        ValueError: unknown name, severity outside 1..5, a tensor that is not (N, 3, H, W)
-            floating point, values outside [0, 1] (tolerance 1e-3) or NaN, or bad ``ids``.
+        ValueError: unknown name, severity outside 1..5, a tensor that is not (N, C, H, W)
+            floating point, a channel count the corruption does not take (the message names
+            them), values outside [0, 1] (tolerance 1e-3) or NaN, or bad ``ids``.
     """
     ids = _check_inputs(images, name, severity, ids)
     if images.shape[0] == 0:

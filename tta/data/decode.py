@@ -13,6 +13,8 @@ Two paths produce the same pixels up to one grey level:
 Preprocessing follows torchvision's ``Resize(size)`` (shorter side to ``size``, bilinear,
 antialiased) and ``CenterCrop(size)`` (zero padding when the image is smaller than the crop).
 A file that cannot be read or decoded is reported as a :class:`BadImage`, never silently dropped.
+Every image becomes 3-channel RGB (greyscale files are repeated, alpha is dropped); 16-bit PNGs are
+scaled to 8 bits (``round(v * 255 / 65535)``), so 8- and 16-bit files give the same [0, 1] values.
 """
 from __future__ import annotations
 
@@ -76,11 +78,22 @@ def read_bytes(path: str | os.PathLike) -> Tensor:
     return torch.frombuffer(bytearray(data), dtype=torch.uint8)
 
 
+def to_uint8(image: Tensor) -> Tensor:
+    """Whole 8-bit grey levels of a decoded image: uint8 as it is; 16-bit (uint16, from 16-bit PNGs)
+    scaled by 255 / 65535 and rounded, so that both depths map to the same [0, 1] range."""
+    if image.dtype == torch.uint8:
+        return image
+    if image.dtype == torch.uint16:
+        return ((image.to(torch.int32) * 255 + 32767) // 65535).to(torch.uint8)
+    raise BadImageError(f"unsupported decoded pixel type {image.dtype}")
+
+
 def decode_cpu(data: Tensor, preprocess: Preprocess) -> Tensor:
-    """Decode one encoded image on the CPU to (3, H, W) uint8 RGB and preprocess it."""
+    """Decode one encoded image on the CPU to (3, H, W) uint8 RGB and preprocess it (16-bit PNGs
+    are reduced to 8 bits by :func:`to_uint8`)."""
     from torchvision.io import ImageReadMode, decode_image
 
-    image = decode_image(data, mode=ImageReadMode.RGB)
+    image = to_uint8(decode_image(data, mode=ImageReadMode.RGB))
     return preprocess(image).contiguous()
 
 

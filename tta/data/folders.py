@@ -28,6 +28,7 @@ bilinear`` for torchvision's default) and ``CenterCrop(crop)``, as [0, 1] tensor
 from __future__ import annotations
 
 import logging
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +45,7 @@ from .stream import Domain
 log = logging.getLogger(__name__)
 
 FOLDER_LAYOUT = "<root>/<class folder>/<image files>"
+DEFAULT_SIZE = 224  # resize / crop when neither the config nor the model says
 INTERPOLATIONS = ("bicubic", "bilinear")
 
 
@@ -133,13 +135,52 @@ def image_folder(config: dict[str, Any], *, severity: Any = None, seed: int = 0,
     interpolation = config.get("interpolation", "bicubic")
     if interpolation not in INTERPOLATIONS:
         raise ValueError(f"{name}: interpolation must be one of {INTERPOLATIONS}, not {interpolation!r}")
-    resize = config.get("resize", config.get("image_size", 224))
-    crop = config.get("crop", config.get("image_size", 224))
+    resize, crop = config.get("resize", config.get("image_size")), config.get("crop", config.get("image_size"))
+    sizes = config.get("preprocess_choice") or {"resize": resize, "crop": crop, "source": "data config"}
+    if resize is None and crop is None:  # nothing fitted them to a model (fit_preprocess_to_model)
+        resize = crop = DEFAULT_SIZE
+        sizes = {"resize": resize, "crop": crop, "source": f"default {DEFAULT_SIZE} (model input size unknown)"}
+        log.warning("%s: data.resize / data.crop not set and no model input size known: using Resize(%d) + "
+                    "CenterCrop(%d); set them to your model's input size", name, resize, crop)
     preprocess = FolderPreprocess(resize=resize, crop=crop, interpolation=interpolation)
     source = FileSource(root, files, labels, preprocess, name=name)
     domain = Domain(name, source)
     return Benchmark(name, [domain], clean=domain, image_size=preprocess.output_size(), preprocess=preprocess,
-                     info={"root": str(root), "missing_classes": len(missing)})
+                     info={"root": str(root), "missing_classes": len(missing), "preprocess": sizes})
 
 
-__all__ = ["FolderPreprocess", "clip_class_names", "folder_classes", "image_folder"]
+def fit_preprocess_to_model(data_cfg: dict[str, Any], input_size: tuple[int, int] | int | None, *,
+                            crop_pct: float | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Fill an image-folder config's missing ``resize`` / ``crop`` from the model's input size.
+
+    ``crop`` = the input size (the shorter side for a non-square one); ``resize`` =
+    ``floor(crop / crop_pct)`` when the weights state their evaluation crop (timm's ``crop_pct``,
+    torchvision's resize/crop sizes; e.g. 0.875: Resize(256) + CenterCrop(224)), else ``crop`` (the
+    CLIP/TPT convention: Resize(224) + CenterCrop(224); a 32-px CIFAR model gets 32 / 32). Values the
+    config states are kept. Without an input size nothing is filled and the loader falls back to 224
+    with a warning (state ``model_input_size=`` or ``data.resize`` / ``data.crop``).
+
+    Returns the updated config (a new dict; other kinds of data are returned unchanged) and the
+    record entry ``{"resize", "crop", "source"}`` (empty for other kinds of data).
+    """
+    if data_cfg.get("kind") != "image_folder":
+        return data_cfg, {}
+    resize, crop = data_cfg.get("resize"), data_cfg.get("crop")
+    if resize is not None and crop is not None:
+        return data_cfg, {"resize": resize, "crop": crop, "source": "data config"}
+    if input_size is None:
+        return data_cfg, {"resize": resize, "crop": crop, "source": "unknown model input size"}
+    h, w = (input_size, input_size) if isinstance(input_size, int) else (int(input_size[0]), int(input_size[-1]))
+    stated = [k for k, v in (("resize", resize), ("crop", crop)) if v is not None]
+    if crop is None:
+        crop = min(h, w)
+    if resize is None:
+        resize = int(math.floor(crop / crop_pct)) if crop_pct else crop
+    how = f"model input size {h}x{w}" + (f", crop_pct {crop_pct:g}" if crop_pct else "")
+    if stated:
+        how += f" ({', '.join(stated)} from the data config)"
+    choice = {"resize": resize, "crop": crop, "source": how}
+    return {**data_cfg, "resize": resize, "crop": crop, "preprocess_choice": choice}, choice
+
+
+__all__ = ["FolderPreprocess", "clip_class_names", "fit_preprocess_to_model", "folder_classes", "image_folder"]

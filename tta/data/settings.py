@@ -1,6 +1,6 @@
 """Evaluation settings: how the domains of a benchmark become one ordered stream.
 
-A setting turns a :class:`~tta.data.benchmarks.Benchmark` (its domains, e.g. 15 corruptions at
+A setting turns a :class:`~tta.data.benchmark.Benchmark` (its domains, e.g. 15 corruptions at
 severity 5, and optionally its clean images) into a :class:`Plan`: the parts the samples come from,
 the exact sample order as segments, and the engine options it implies. ``setting=<name>`` on the
 command line picks one (``tta/conf/setting/<name>.yaml`` lists its options); from Python,
@@ -32,14 +32,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 import numpy as np
 
+from .benchmark import Benchmark
+from .checks import severity_list
+from .sources import ImageSource
 from .stream import Domain, Segment, domain_order, shuffled
 
-if TYPE_CHECKING:
-    from .benchmarks import Benchmark
+# The open-set setting's out-of-distribution images: ``needed -> (source, corrupt it like the domain)``.
+# Loading them is the data layer's job (``tta.data.benchmarks.ood_source``); the caller passes it in.
+OodSource = Callable[[int], tuple[ImageSource, bool]]
 
 SEVERITIES_UP_DOWN = [1, 2, 3, 4, 5, 4, 3, 2, 1]
 
@@ -92,14 +96,18 @@ def resolve(setting: str | dict[str, Any] | None) -> dict[str, Any]:
 def severities_needed(options: dict[str, Any]) -> list[int] | None:
     """Severities the setting needs from the loader (``None``: the data config's)."""
     if options["name"] == "gradual":
-        return sorted(set(int(s) for s in options["severities"]))
+        return sorted(set(severity_list(options["severities"], "gradual setting: severities")))
     return None
 
 
-def plan(benchmark: "Benchmark", options: dict[str, Any], *, seed: int, shuffle: bool = True) -> Plan:
-    """The :class:`Plan` of ``options`` (from :func:`resolve`) over ``benchmark``."""
+def plan(benchmark: Benchmark, options: dict[str, Any], *, seed: int, shuffle: bool = True,
+         ood_source: OodSource | None = None) -> Plan:
+    """The :class:`Plan` of ``options`` (from :func:`resolve`) over ``benchmark``.
+
+    ``ood_source(needed)`` gives the open-set setting its out-of-distribution images
+    (:func:`tta.data.benchmarks.build_stream` passes one built from the setting's options)."""
     builder = _BUILDERS[options["name"]]
-    result = builder(benchmark, options, seed, shuffle)
+    result = builder(benchmark, options, seed, shuffle, ood_source)
     result.engine.setdefault("reset_each_domain", bool(options["reset_each_domain"]))
     result.info = {"setting": options["name"], "setting_options": {k: v for k, v in options.items() if k != "name"},
                    **result.info}
@@ -203,18 +211,18 @@ def order_from_file(path: str, n: int) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------
 
 
-def _sequential(bench: "Benchmark", seed: int, shuffle: bool) -> tuple[list[Domain], list[Segment]]:
+def _sequential(bench: Benchmark, seed: int, shuffle: bool) -> tuple[list[Domain], list[Segment]]:
     parts = list(bench.domains)
     segments = [Segment(d.name, np.full(len(d), i), domain_order(len(d), seed, d.name, shuffle)) for i, d in enumerate(parts)]
     return parts, segments
 
 
-def _plain(bench, options, seed, shuffle) -> Plan:
+def _plain(bench, options, seed, shuffle, ood_source=None) -> Plan:
     parts, segments = _sequential(bench, seed, shuffle)
     return Plan(parts, segments, {})
 
 
-def _mixed(bench, options, seed, shuffle) -> Plan:
+def _mixed(bench, options, seed, shuffle, ood_source=None) -> Plan:
     parts = list(bench.domains)
     part = np.concatenate([np.full(len(d), i, dtype=np.int64) for i, d in enumerate(parts)])
     index = np.concatenate([np.arange(len(d), dtype=np.int64) for d in parts])
@@ -232,8 +240,8 @@ def corruption_and_severity(domain: Domain) -> tuple[str, int | None]:
     return domain.name, None
 
 
-def _gradual(bench, options, seed, shuffle) -> Plan:
-    severities = [int(s) for s in options["severities"]]
+def _gradual(bench, options, seed, shuffle, ood_source=None) -> Plan:
+    severities = severity_list(options["severities"], "gradual setting: severities")
     by_key: dict[tuple[str, int | None], int] = {}
     corruptions: list[str] = []
     for i, d in enumerate(bench.domains):
@@ -253,7 +261,7 @@ def _gradual(bench, options, seed, shuffle) -> Plan:
     return Plan(list(bench.domains), segments, {"reset_each_domain": bool(options["reset_each_domain"])})
 
 
-def _label_shift(bench, options, seed, shuffle) -> Plan:
+def _label_shift(bench, options, seed, shuffle, ood_source=None) -> Plan:
     kind = options["order"]
     if kind not in ("imbalance", "dirichlet", "file"):
         raise ValueError(f"label_shift order must be imbalance, dirichlet or file, got {kind!r}")
@@ -279,19 +287,16 @@ def _label_shift(bench, options, seed, shuffle) -> Plan:
     return Plan(list(bench.domains), segments, {}, info={"label_order": kind})
 
 
-def _bs1(bench, options, seed, shuffle) -> Plan:
-    return _plain(bench, options, seed, shuffle)
-
-
-def _open_set(bench, options, seed, shuffle) -> Plan:
-    from .benchmarks import ood_source
-
+def _open_set(bench, options, seed, shuffle, ood_source=None) -> Plan:
+    if ood_source is None:
+        raise ValueError("the open_set setting needs its out-of-distribution images: pass ood_source= to plan() "
+                         "(build_stream does)")
     fraction = float(options["ood_fraction"])
     if not 0 < fraction < 1:
         raise ValueError(f"open_set ood_fraction must be in (0, 1), got {fraction}")
     ids = list(bench.domains)
     counts = [int(round(len(d) * fraction / (1 - fraction))) for d in ids]
-    source, corruptible = ood_source(bench, options, seed=seed, needed=sum(counts))
+    source, corruptible = ood_source(sum(counts))
     parts = list(ids)
     segments = []
     offset = 0
@@ -327,7 +332,7 @@ def _known(corruption: str) -> bool:
     return corruption in ALL_CORRUPTIONS
 
 
-def _forgetting(bench, options, seed, shuffle) -> Plan:
+def _forgetting(bench, options, seed, shuffle, ood_source=None) -> Plan:
     if bench.clean is None:
         raise ValueError(f"the forgetting setting needs clean images, and {bench.name} has none configured (set "
                          f"data.clean_root to the clean test images)")
@@ -371,7 +376,7 @@ def summarize_forgetting(domains: dict[str, dict[str, float]]) -> dict[str, Any]
     return results
 
 
-def _long_stream(bench, options, seed, shuffle) -> Plan:
+def _long_stream(bench, options, seed, shuffle, ood_source=None) -> Plan:
     rounds = int(options["rounds"])
     if rounds < 1:
         raise ValueError(f"long_stream rounds must be >= 1, got {rounds}")
@@ -383,6 +388,6 @@ def _long_stream(bench, options, seed, shuffle) -> Plan:
 
 _BUILDERS: dict[str, Callable[..., Plan]] = {
     "reset_each_shift": _plain, "continual": _plain, "mixed_domains": _mixed, "gradual": _gradual,
-    "label_shift": _label_shift, "bs1": _bs1, "open_set": _open_set, "forgetting": _forgetting,
+    "label_shift": _label_shift, "bs1": _plain, "open_set": _open_set, "forgetting": _forgetting,
     "long_stream": _long_stream,
-}
+}  # bs1 is reset_each_shift; its batch_size option (1) is applied by build_stream

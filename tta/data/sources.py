@@ -5,7 +5,7 @@ A stream loads a batch in two steps so that the slow part can run ahead of the m
 1. ``raw = source.read(index, mode, on_bad)`` -- CPU work (reading files, CPU decoding), safe to
    run in a DataLoader worker process or a background thread; ``raw`` is picklable and pinnable.
 2. ``images, ok, bad = source.finish(raw, device)`` -- puts the batch on the device as float
-   (n_ok, 3, H, W) in [0, 1] (decoding there on the GPU path). ``ok`` marks the requested samples
+   (n_ok, C, H, W) in [0, 1] (decoding there on the GPU path; C = 3, or 1 for greyscale arrays). ``ok`` marks the requested samples
    that made it (``None``: all), ``bad`` lists the files that were skipped.
 
 Sources: :class:`ArraySource` (a tensor or a NumPy array / memory map, uint8 NHWC or NCHW, or float
@@ -36,6 +36,7 @@ class ImageSource:
     labels: Tensor  # int64, CPU
     name: str = "images"
     heavy: bool = False  # reading costs real CPU time (decoding): worth worker processes
+    channels: int = 3  # channels of the images finish() returns (files are decoded to RGB)
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -51,7 +52,7 @@ class ImageSource:
         return None
 
     def describe(self) -> dict[str, Any]:
-        return {"name": self.name, "num_samples": len(self)}
+        return {"name": self.name, "num_samples": len(self), "channels": self.channels}
 
 
 def _as_labels(labels: Any) -> Tensor:
@@ -68,7 +69,9 @@ class ArraySource(ImageSource):
     """Images held in a tensor or a NumPy array (memory maps are read lazily, row by row).
 
     Args:
-        images: (N, H, W, 3) or (N, 3, H, W) uint8, or (N, 3, H, W) float in [0, 1].
+        images: RGB (N, H, W, 3) or (N, 3, H, W), or greyscale (N, H, W), (N, H, W, 1) or
+            (N, 1, H, W); uint8, or float in [0, 1]. Greyscale stays 1-channel (``channels``); the
+            stream converts to the model's channel count (``tta.data.channels``).
         labels: (N,) integers, or (M,) with ``offset`` selecting rows ``offset .. offset+len(labels)``.
         offset: first row of ``images`` that sample 0 refers to (CIFAR-C stacks 5 severities).
     """
@@ -79,12 +82,19 @@ class ArraySource(ImageSource):
         self.offset = int(offset)
         self.name = name
         shape = tuple(images.shape)
-        if len(shape) != 4 or 3 not in (shape[1], shape[3]):
-            raise ValueError(f"{name}: images must be (N, H, W, 3) or (N, 3, H, W), got shape {shape}")
+        self.no_channel_axis = len(shape) == 3
+        if self.no_channel_axis:
+            self.channels_last, self.channels = False, 1
+            self.image_size = tuple(shape[1:3])
+        elif len(shape) == 4 and (shape[1] in (1, 3) or shape[3] in (1, 3)):
+            self.channels_last = shape[3] in (1, 3) and shape[1] not in (1, 3)
+            self.channels = shape[3] if self.channels_last else shape[1]
+            self.image_size = tuple(shape[1:3]) if self.channels_last else tuple(shape[2:4])
+        else:
+            raise ValueError(f"{name}: images must be RGB (N, H, W, 3) or (N, 3, H, W), or greyscale (N, H, W), "
+                             f"(N, H, W, 1) or (N, 1, H, W); got shape {shape}")
         if self.offset + len(self.labels) > shape[0]:
             raise ValueError(f"{name}: {len(self.labels)} labels from row {self.offset} but only {shape[0]} images")
-        self.channels_last = shape[3] == 3 and shape[1] != 3
-        self.image_size = tuple(shape[1:3]) if self.channels_last else tuple(shape[2:4])
 
     def read(self, index: np.ndarray, mode: str = "cpu", on_bad: str = "skip") -> Tensor:
         rows = np.asarray(index, dtype=np.int64) + self.offset
@@ -98,7 +108,9 @@ class ArraySource(ImageSource):
 
     def finish(self, raw: Tensor, device: torch.device) -> tuple[Tensor, None, list[BadImage]]:
         x = raw.to(device, non_blocking=True)
-        if self.channels_last:
+        if self.no_channel_axis:
+            x = x.unsqueeze(1)
+        elif self.channels_last:
             x = x.permute(0, 3, 1, 2)
         x = x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
         return x.contiguous(), None, []

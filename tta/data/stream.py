@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .checks import positive_int
 from .decode import BadImage
 from .sources import ON_BAD_IMAGE, ArraySource, ImageSource
 
@@ -50,6 +51,7 @@ class Batch:
     domain: str
     ids: Tensor  # int64, CPU
     keys: list[str] | None = None  # per-sample file paths (relative to the source root), when there are files
+    number: int | None = None  # the batch's position in its stream's plan (Stream.iterate(start_batch=number + 1))
 
     def __post_init__(self) -> None:
         if self.images.shape[0] != self.labels.shape[0] or self.labels.shape[0] != self.ids.shape[0]:
@@ -153,16 +155,17 @@ class _Raw:
 
 
 class _PlanReader(torch.utils.data.Dataset):
-    """Batch ``i`` of the plan after the CPU stage (for DataLoader workers)."""
+    """Batch ``start + i`` of the plan after the CPU stage (for DataLoader workers)."""
 
-    def __init__(self, stream: "Stream"):
+    def __init__(self, stream: "Stream", start: int = 0):
         self.stream = stream
+        self.start = int(start)
 
     def __len__(self) -> int:
-        return len(self.stream._batches)
+        return len(self.stream._batches) - self.start
 
     def __getitem__(self, i: int) -> _Raw:
-        return self.stream._read(i)
+        return self.stream._read(self.start + i)
 
 
 class Stream:
@@ -187,19 +190,17 @@ class Stream:
                  prefetch: int = 2, decode: str = "auto", on_bad_image: str = "skip",
                  info: dict[str, Any] | None = None,
                  summarize: Callable[[dict[str, dict[str, float]]], dict[str, Any]] | None = None):
-        if int(batch_size) < 1:
-            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        batch_size = positive_int(batch_size, "batch_size")
+        max_samples = positive_int(max_samples, "max_samples", none_means="the whole stream")
         if on_bad_image not in ON_BAD_IMAGE:
             raise ValueError(f"on_bad_image must be one of {ON_BAD_IMAGE}, got {on_bad_image!r}")
         if decode not in ("auto", "cpu", "cuda"):
             raise ValueError(f"decode must be auto, cpu or cuda, got {decode!r}")
-        if max_samples is not None and int(max_samples) < 1:
-            raise ValueError(f"max_samples must be a positive number of samples, got {max_samples}")
         self.parts = list(parts)
-        self.batch_size = int(batch_size)
+        self.batch_size = batch_size
         self.seed = int(seed)
         self.device = torch.device(device)
-        self.max_samples = None if max_samples is None else int(max_samples)
+        self.max_samples = max_samples
         self.num_workers = int(num_workers or 0)
         self.prefetch = int(prefetch or 0)
         self.decode = ("cuda" if self.device.type == "cuda" else "cpu") if decode == "auto" else decode
@@ -212,6 +213,8 @@ class Stream:
         self._bad_paths: set[str] = set()
         self.skipped_samples = 0
         self.skipped_batches = 0
+        self.start_batch = 0  # where iteration starts (load_state_dict sets it to resume)
+        self.next_batch = 0  # the plan number after the last batch handed out (state_dict)
         self.segments = self._cut(list(segments))
         for segment in self.segments:
             if len(segment) and (segment.part.min() < 0 or segment.part.max() >= len(self.parts)):
@@ -271,17 +274,19 @@ class Stream:
             groups.append((int(p), positions, source.read(index[positions], self.decode, self.on_bad_image)))
         return _Raw(number, groups)
 
-    def _finish(self, raw: _Raw) -> Batch | None:
-        """Device stage: decode (GPU path), corrupt, assemble in the planned order."""
+    def _finish(self, raw: _Raw) -> tuple[Batch | None, list[BadImage]]:
+        """Device stage: decode (GPU path), corrupt, assemble in the planned order. Returns the batch
+        (``None`` when no image of it could be read) and the files skipped in it."""
         s, start, stop = self._batches[raw.number]
         segment = self.segments[s]
         part, index = segment.part[start:stop], segment.index[start:stop]
         outputs: list[tuple[np.ndarray, Tensor]] = []
         target_size = None
+        skipped: list[BadImage] = []
         for p, positions, data in raw.groups:
             domain = self.parts[p]
             images, ok, bad = domain.source.finish(data, self.device)
-            self._record_bad(bad)
+            skipped.extend(bad)
             kept = positions if ok is None else positions[ok]
             if images is None or len(kept) == 0:
                 continue
@@ -298,8 +303,7 @@ class Stream:
                 target_size = tuple(images.shape[-2:])
             outputs.append((kept, images))
         if not outputs:
-            self.skipped_batches += 1
-            return None
+            return None, skipped
         if target_size is not None:  # out-of-distribution images take the in-distribution size
             outputs = [(k, _resize_to(x, target_size)) for k, x in outputs]
         kept = np.concatenate([k for k, _ in outputs])
@@ -323,7 +327,7 @@ class Stream:
                 found = self.parts[p].source.keys(index[kept][where]) or [""] * len(where)
                 for w, k in zip(where, found):
                     keys[w] = k
-        return Batch(images, labels, segment.name, ids, keys)
+        return Batch(images, labels, segment.name, ids, keys, number=raw.number), skipped
 
     def _record_bad(self, bad: list[BadImage]) -> None:
         for item in bad:  # a file read in several domains (on-the-fly corruptions) is listed once
@@ -335,36 +339,65 @@ class Stream:
     def _use_workers(self) -> bool:
         return self.num_workers > 0 and self.decode == "cpu" and any(p.source.heavy for p in self.parts)
 
-    def _raw_batches(self) -> Iterator[_Raw]:
+    def _raw_batches(self, start: int) -> Iterator[_Raw]:
+        """The CPU stage of batches ``start, start + 1, ...``; earlier batches are never read."""
         if self._use_workers():
             loader = torch.utils.data.DataLoader(
-                _PlanReader(self), batch_size=None, shuffle=False, num_workers=self.num_workers,
+                _PlanReader(self, start), batch_size=None, shuffle=False, num_workers=self.num_workers,
                 pin_memory=self.device.type == "cuda", prefetch_factor=max(2, self.prefetch),
                 collate_fn=_identity)
             yield from loader
             return
         pin = self.device.type == "cuda"
-        for number in range(len(self._batches)):
+        for number in range(start, len(self._batches)):
             raw = self._read(number)
             yield raw.pin_memory() if pin else raw
 
-    def __iter__(self) -> Iterator[Batch]:
-        if self.prefetch <= 0:
-            for raw in self._raw_batches():
-                batch = self._finish(raw)
-                if batch is not None:
-                    yield batch
-            return
-        yield from self._iter_prefetched()
+    def _produce(self, start: int) -> Iterator[_Loaded]:
+        """Read and finish batches from ``start`` on, in the caller's thread and CUDA stream."""
+        for raw in self._raw_batches(start):
+            batch, bad = self._finish(raw)
+            yield _Loaded(raw.number, batch, bad, None)
 
-    def _iter_prefetched(self) -> Iterator[Batch]:
+    def __iter__(self) -> Iterator[Batch]:
+        return self.iterate()
+
+    def iterate(self, start_batch: int | None = None) -> Iterator[Batch]:
+        """The batches of the plan from batch number ``start_batch`` on (default :attr:`start_batch`).
+
+        The batches are exactly those an uninterrupted iteration yields from that position (same
+        samples, ids, images, labels, domains): the order is planned up front and every image is
+        corrupted by its own seed, so batches before ``start_batch`` are never read, decoded or
+        corrupted. ``len(stream)`` stays the number of batches of the whole plan.
+        """
+        start = self.start_batch if start_batch is None else _batch_number(start_batch, len(self))
+        items = self._prefetched(start) if self.prefetch > 0 else self._produce(start)
+        for item in items:
+            self._record_bad(item.bad)
+            self.next_batch = item.number + 1
+            if item.batch is None:
+                self.skipped_batches += 1
+                continue
+            if item.event is not None:  # finished on the loader's side stream
+                current = torch.cuda.current_stream(self.device)
+                current.wait_event(item.event)
+                item.batch.images.record_stream(current)
+            yield item.batch
+
+    def _prefetched(self, start: int) -> Iterator[_Loaded]:
+        """:meth:`_produce` in a background thread (on a side CUDA stream), ``prefetch`` batches ahead.
+
+        The thread reads, decodes, corrupts and copies the next batches while the caller adapts on
+        the current one; it produces them in plan order (so the batches are those of a synchronous
+        iteration), its errors are raised in the caller, and it stops when the caller stops
+        iterating (a ``break``, an error, or the generator being closed)."""
         results: queue.Queue = queue.Queue(maxsize=self.prefetch)
         stop = threading.Event()
         cuda = self.device.type == "cuda"
         side = torch.cuda.Stream(self.device) if cuda else None
         done = object()
 
-        def put(item) -> bool:
+        def put(item: Any) -> bool:
             while not stop.is_set():
                 try:
                     results.put(item, timeout=0.1)
@@ -377,17 +410,17 @@ class Stream:
             try:
                 if cuda and self.device.index is not None:
                     torch.cuda.set_device(self.device)
-                for raw in self._raw_batches():
+                for raw in self._raw_batches(start):
                     if stop.is_set():
                         return
                     if cuda:
                         with torch.cuda.stream(side):
-                            batch = self._finish(raw)
+                            batch, bad = self._finish(raw)
                             event = torch.cuda.Event()
                             event.record(side)
                     else:
-                        batch, event = self._finish(raw), None
-                    if batch is not None and not put((batch, event)):
+                        (batch, bad), event = self._finish(raw), None
+                    if not put(_Loaded(raw.number, batch, bad, event)):
                         return
                 put(done)
             except BaseException as error:  # re-raised in the consumer
@@ -402,15 +435,40 @@ class Stream:
                     break
                 if isinstance(item, BaseException):
                     raise item
-                batch, event = item
-                if event is not None:
-                    current = torch.cuda.current_stream(self.device)
-                    current.wait_event(event)
-                    batch.images.record_stream(current)
-                yield batch
+                yield item
         finally:
             stop.set()
             thread.join(timeout=10)
+
+    # -- resuming -----------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where the stream stands: the next batch number and the bad-image record so far.
+
+        Taken after the caller has processed batch ``n`` it holds ``next_batch = n + 1``; with
+        :meth:`load_state_dict` on the same stream (same data, setting, seed, batch size and cut)
+        the next iteration continues there and :meth:`describe` counts as an uninterrupted run
+        would. Plain ints, strings and lists (loadable with ``torch.load(weights_only=True)``)."""
+        return {"next_batch": int(self.next_batch), "num_batches": len(self), "batch_size": self.batch_size,
+                "plan_hash": self.plan_hash(), "skipped_samples": int(self.skipped_samples),
+                "skipped_batches": int(self.skipped_batches),
+                "bad_images": [[b.path, b.error] for b in self.bad_images]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from a :meth:`state_dict`: the next ``for batch in stream`` starts at its
+        ``next_batch`` (:attr:`start_batch`) and the bad-image record is restored. A state of
+        another plan (other data, setting, seed, batch size or ``max_samples``) raises ``ValueError``."""
+        expected = {"num_batches": len(self), "batch_size": self.batch_size, "plan_hash": self.plan_hash()}
+        differ = [f"{k}: {state.get(k)!r} in the state, {v!r} here" for k, v in expected.items() if state.get(k) != v]
+        if differ:
+            raise ValueError("this stream state was saved for another stream plan (" + "; ".join(differ) + "); "
+                             "resume with the same data, setting, seed, batch_size and max_samples")
+        self.start_batch = _batch_number(state["next_batch"], len(self))
+        self.next_batch = self.start_batch
+        self.skipped_samples = int(state["skipped_samples"])
+        self.skipped_batches = int(state["skipped_batches"])
+        self.bad_images = [BadImage(str(path), str(error)) for path, error in state["bad_images"]]
+        self._bad_paths = {b.path for b in self.bad_images}
 
     # -- record -------------------------------------------------------------------------------
 
@@ -443,8 +501,25 @@ class Stream:
         }
 
 
+@dataclass
+class _Loaded:
+    """A finished batch on its way to the caller (``batch`` is ``None`` when all its images were bad)."""
+
+    number: int
+    batch: Batch | None
+    bad: list[BadImage]
+    event: Any  # torch.cuda.Event on the loader's side stream, or None
+
+
 def _identity(x: Any) -> Any:
     return x
+
+
+def _batch_number(value: Any, num_batches: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 0 <= int(value) <= num_batches:
+        raise ValueError(f"start_batch must be an integer in [0, {num_batches}] (the stream's number of batches), "
+                         f"got {value!r}")
+    return int(value)
 
 
 def _unique_in_order(values: np.ndarray) -> list[int]:
@@ -469,13 +544,3 @@ def domain_order(n: int, seed: int, name: str, shuffle: bool, visit: int = 0) ->
     """The order of a domain's ``n`` samples: :func:`shuffled`, or ``0..n-1`` without shuffling."""
     return shuffled(n, seed, name, visit) if shuffle else np.arange(n, dtype=np.int64)
 
-
-class DomainStream(Stream):
-    """Domains one after another, each in a seeded shuffled (or fixed) order."""
-
-    def __init__(self, domains: Sequence[Domain], batch_size: int = 64, shuffle: bool = True, seed: int = 0,
-                 device: torch.device | str = "cpu", info: dict[str, Any] | None = None, **options: Any):
-        self.shuffle = shuffle
-        segments = [Segment(d.name, np.full(len(d), i), domain_order(len(d), seed, d.name, shuffle))
-                    for i, d in enumerate(domains)]
-        super().__init__(domains, segments, batch_size=batch_size, seed=seed, device=device, info=info, **options)

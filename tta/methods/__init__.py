@@ -3,6 +3,11 @@
     method = tta.methods.build("eata", model, num_classes=1000, extra_policies=["plpd"], lr=1e-3)
     logits = method(x)      # predict on x with the current state, then adapt on x
     tta.methods.available()
+
+Layout: :mod:`.core` (the :class:`Method` core every method shares), two families over it
+(:mod:`.batch` and :mod:`.views`), the recipes (one module per paper), :mod:`.inputs` (what a
+method declares it needs from the run), :mod:`.lr_rule` (the SAR/DeYO learning-rate rule) and the
+leaf :mod:`.registry`.
 """
 from __future__ import annotations
 
@@ -10,12 +15,16 @@ from typing import Any
 
 from torch import nn
 
-from ..registry import Registry
-from .base import Method, check_batch, niu_learning_rate
+from .batch import BatchMethod
+from .core import Method, check_batch
+from .inputs import INPUT_KINDS, RunInput
+from .lr_rule import model_family, niu_learning_rate
+from .registry import METHODS, available, register
+from .views import ViewMethod
 
-METHODS: Registry[Method] = Registry("method")
-register = METHODS.register
-available = METHODS.available
+# Importing the recipes registers them.
+from . import baselines, crowds, deyo, eata, eata_c, sar  # noqa: E402,F401  (batch family)
+from . import adte, difftpt, tpt  # noqa: E402,F401  (view family, CLIP)
 
 
 def build(name: str, model: nn.Module | str, **overrides: Any) -> Method:
@@ -23,10 +32,5 @@ def build(name: str, model: nn.Module | str, **overrides: Any) -> Method:
     return METHODS.get(name)(model, **overrides)
 
 
-# Importing the recipes registers them.
-from . import baselines  # noqa: E402,F401
-from . import crowds, deyo, eata, eata_c, sar  # noqa: E402,F401
-from . import adte, tpt  # noqa: E402,F401  (CLIP: test-time prompt tuning, ADTE)
-from . import difftpt  # noqa: E402,F401  (DiffTPT: TPT with diffusion views)
-
-__all__ = ["METHODS", "Method", "available", "build", "check_batch", "niu_learning_rate", "register"]
+__all__ = ["BatchMethod", "INPUT_KINDS", "METHODS", "Method", "RunInput", "ViewMethod", "available", "build",
+           "check_batch", "model_family", "niu_learning_rate", "register"]

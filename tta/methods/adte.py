@@ -28,7 +28,7 @@ The label bias (``bias``):
   smallest-gap slot overwritten unconditionally once full), ``P[:, j]`` = mean softmax of class
   ``j``'s entries, ``q`` = power iteration (eps 1e-4, 500 iterations, L2-normalised), ``b = ln
   max(q, 1e-12)``, ``q_c`` = min-max map of ``b`` to [0.01, 0.9]
-  (:class:`~tta.policies.tsallis.LabelBias`). The pre-pass draws its own views (a different
+  (:class:`~tta.policies.LabelBias`). The pre-pass draws its own views (a different
   random draw from the evaluation pass, as the two official data loaders do). It runs lazily on the
   first batch, over ``prepass_data`` -- on the command line ``tta.run`` hands over the same data
   config as an unshuffled stream -- or through :meth:`ADTE.prepass` from Python. One bias per
@@ -51,32 +51,21 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 
-from ..augment.views import ViewGenerator
-from ..models.clip import ClipClassifier
-from ..policies.tsallis import LabelBias, TsallisRanking, keep_count, minmax_q_index
-from . import register
-from .base import Method
+from ..objectives import views_kept
+from ..policies import LabelBias, Policy, TsallisRanking, load_bias_file, minmax_q_index
+from .inputs import RunInput
+from .registry import register
+from .views import ViewMethod
 
 log = logging.getLogger(__name__)
 BIAS_MODES = ("prepass", "online", "uniform")
 SCORES = ("adte", "tsallis", "shannon")
 PREPASS_SALT = 1  # view seeds of the pre-pass differ from those of the evaluation pass (salt 0)
 DEFAULT_DOMAIN = "default"
-
-
-def load_bias_file(path: str | Path) -> dict[str, torch.Tensor]:
-    """``{domain: b}`` from a bias file: ours (``{"domains": {name: {"log_bias": b, ...}}}``) or the
-    official one (a bare ``ln q`` tensor, used for every domain)."""
-    obj = torch.load(Path(path).expanduser(), map_location="cpu", weights_only=True)
-    if torch.is_tensor(obj):
-        return {DEFAULT_DOMAIN: obj.float().view(-1)}
-    if isinstance(obj, dict) and "domains" in obj:
-        return {name: entry["log_bias"].float().view(-1) for name, entry in obj["domains"].items()}
-    raise ValueError(f"{path} is not an ADTE bias file (a ln-q tensor or a dict with 'domains')")
 
 
 def _batches(data: Any) -> Iterable[tuple[torch.Tensor, torch.Tensor | None, str]]:
@@ -91,7 +80,7 @@ def _batches(data: Any) -> Iterable[tuple[torch.Tensor, torch.Tensor | None, str
 
 
 @register("adte")
-class ADTE(Method):
+class ADTE(ViewMethod):
     """ADTE on a frozen CLIP model (``model=clip:...``); see the module docstring.
 
     Args:
@@ -112,9 +101,17 @@ class ADTE(Method):
     paper = "ADTE, ICLR 2026 (Jinx630/ADTE, a fork of FarinaMatteo/zero)"
     default_params = "ln"
     learns = False
-    batch_stats = False
-    takes_batch_info = True
-    wants_prepass_data = True
+    input_keywords = ViewMethod.input_keywords + ("prepass_data",)
+
+    @classmethod
+    def run_inputs(cls, hparams: Mapping[str, Any]) -> list[RunInput]:
+        """The test stream for the pre-pass (bias ``prepass`` without an existing ``q_path``), and
+        optional diffusion views."""
+        needs = super().run_inputs(hparams)
+        q_path = hparams.get("q_path")
+        if hparams.get("bias", "prepass") == "prepass" and not (q_path and Path(str(q_path)).expanduser().is_file()):
+            needs.append(RunInput("test_pass", keyword="prepass_data", required=False))
+        return needs
 
     def __init__(self, model, *, num_views: int = 64, gamma: float = 0.1, score: str = "adte",
                  tsallis_q: float = 0.1, label_adjust: bool = False, bias: str = "prepass", q_path: str | None = None,
@@ -126,35 +123,41 @@ class ADTE(Method):
             raise ValueError(f"score must be one of {SCORES}, not {score!r}")
         if bias not in BIAS_MODES:
             raise ValueError(f"bias must be one of {BIAS_MODES}, not {bias!r}")
-        super().__init__(model, **kwargs)
-        if not isinstance(self.model, ClipClassifier):
-            raise ValueError("ADTE needs a CLIP model: pass model=clip:<arch>/<weights> (tta.models.clip)")
-        self.model.eval()
+        super().__init__(model, num_views=num_views, seed=seed, **kwargs)
         if templates is not None:
             self.model.set_head(templates=templates)
-        self.num_views, self.gamma, self.score_name = int(num_views), float(gamma), score
+        self.gamma, self.score_name = float(gamma), score
         self.label_adjust, self.bias_mode, self.q_path = bool(label_adjust), bias, q_path
         self.min_entries, self.update_every = int(min_entries), max(int(update_every), 1)
         self.view_batch = max(int(view_batch), self.num_views)
-        self.ranking = TsallisRanking(self.num_classes, self.gamma, score=score, q=tsallis_q, online=False,
-                                      memory_size=memory_size, gap=gap, eps=eps, max_iter=max_iter,
-                                      q_range=tuple(q_range))
+        self._ranking_options = dict(score=score, q=tsallis_q, online=False, memory_size=memory_size, gap=gap,
+                                     eps=eps, max_iter=max_iter, q_range=tuple(q_range))
         self.estimator = LabelBias(self.num_classes, memory_size, gap, eps, max_iter, tuple(q_range))
-        self.policies = torch.nn.ModuleList([self.ranking])
-        self.views = ViewGenerator(self.num_views, self.model.input_size[0], seed=seed)
         self.prepass_data = prepass_data
         self.domain_bias: dict[str, torch.Tensor] = {}
         self.current_domain: str | None = None
-        self.images_seen = 0
         self.online_seen = 0
-        for name in ("views", "prepass_images", "prepass_written"):
+        for name in ("prepass_images", "prepass_written"):
             self.counters.add(name, 0)
-        for what in ("seen", "kept"):
-            self.policy_counters.add(f"{self.ranking.name}_{what}", 0)
         self.register_buffer("log_bias", torch.zeros(self.num_classes))
 
-    def _capture_state(self) -> dict[str, Any]:
-        return {}
+    def default_policies(self) -> list[Policy]:
+        """ADTE's view ranking (its class-specific Tsallis index is set from the label bias)."""
+        return [TsallisRanking(fraction=self.gamma, num_classes=self.num_classes, **self._ranking_options)]
+
+    def combine_policies(self, own: list[Policy], extra: list[Policy]) -> list[Policy]:
+        """ADTE votes with one view ranking: an extra ``tsallis`` ranking replaces its own; nothing else
+        combines with the vote."""
+        for policy in extra:
+            if not isinstance(policy, TsallisRanking):
+                raise ValueError(f"policy {policy.name!r} cannot be combined with method 'adte': ADTE votes with one "
+                                 f"view ranking (an extra 'tsallis' ranking replaces its own)")
+        return super().combine_policies(own, extra)
+
+    @property
+    def ranking(self) -> TsallisRanking:
+        """The view ranking that votes."""
+        return self.policies[0]
 
     # ------------------------------------------------------------------ bias
     @torch.no_grad()
@@ -162,10 +165,6 @@ class ADTE(Method):
         """Use ``b = ln q`` from now on (sets the class-specific Tsallis index of the ranking)."""
         self.log_bias.copy_(log_bias.to(self.log_bias.device).float().view(-1))
         self.ranking.set_bias(self.log_bias)
-
-    def set_prepass_data(self, data: Iterable | Callable[[], Iterable] | None) -> None:
-        """The data of the transductive pre-pass (an iterable, or a callable that builds it)."""
-        self.prepass_data = data
 
     @torch.no_grad()
     def view_logits(self, x: torch.Tensor, ids: Sequence[int] | torch.Tensor, salt: int = 0) -> torch.Tensor:
@@ -285,11 +284,10 @@ class ADTE(Method):
             weights = torch.stack(weights)
         else:
             weights = self.ranking.select(logits)                      # (N, V)
-        self.policy_counters.add(f"{self.ranking.name}_seen", weights.numel())
-        self.policy_counters.add(f"{self.ranking.name}_kept", (weights > 0).sum())
+        self.count_policy(self.policy_keys[0], weights.numel(), (weights > 0).sum())
         z = logits - self.log_bias if self.label_adjust else logits
         probs = (z.softmax(dim=-1) * weights.unsqueeze(-1)).sum(dim=1)  # sum of softmax over the kept views
-        kept = keep_count(self.num_views, self.gamma)
+        kept = views_kept(self.num_views, self.gamma)
         return torch.log((probs / kept).clamp_min(torch.finfo(torch.float32).tiny))
 
     def reset(self) -> None:
@@ -302,9 +300,9 @@ class ADTE(Method):
 
     def hparams(self) -> dict[str, Any]:
         out = super().hparams()
-        out.update(num_views=self.num_views, gamma=self.gamma, score=self.score_name, label_adjust=self.label_adjust,
+        out.update(gamma=self.gamma, score=self.score_name, label_adjust=self.label_adjust,
                    bias=self.bias_mode, q_path=self.q_path, templates=self.model.net.template_spec,
-                   views=self.views.hparams(), bias_domains=sorted(self.domain_bias),
+                   bias_domains=sorted(self.domain_bias),
                    memory_size=self.estimator.memory_size, gap=self.estimator.gap,
                    q_range=list(self.estimator.q_range))
         return out

@@ -1,12 +1,12 @@
 """The baselines: the frozen source model, BN adaptation, and Tent."""
 from __future__ import annotations
 
-from . import register
-from .base import Method
+from .batch import BatchMethod
+from .registry import register
 
 
 @register("source")
-class Source(Method):
+class Source(BatchMethod):
     """The unadapted source model, evaluated as trained (BatchNorm uses its running statistics)."""
 
     paper = "no adaptation"
@@ -19,7 +19,7 @@ class Source(Method):
 
 
 @register("norm")
-class BatchNormAdapt(Method):
+class BatchNormAdapt(BatchMethod):
     """Test-batch normalisation statistics, no parameter update.
 
     Schneider et al., "Improving robustness against common corruptions by covariate shift
@@ -32,7 +32,7 @@ class BatchNormAdapt(Method):
 
 
 @register("tent")
-class Tent(Method):
+class Tent(BatchMethod):
     """Tent: fully test-time adaptation by entropy minimization (Wang et al., ICLR 2021).
 
     As the official code (DequanWang/tent): BatchNorm on test-batch statistics, mean Shannon

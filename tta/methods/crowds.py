@@ -11,15 +11,14 @@ from typing import Any
 
 import torch
 
-from ..objectives.entropy import diversity, weighted_mean
-from ..policies.base import BatchContext, Policy
-from ..policies.crowds import Crowds
-from . import register
-from .base import Method
+from ..objectives import diversity, weighted_mean
+from ..policies import BatchContext, Crowds, Policy
+from .batch import BatchMethod
+from .registry import register
 
 
 @register("crowds")
-class WisdomOfCrowds(Method):
+class WisdomOfCrowds(BatchMethod):
     """Tent + the ``crowds`` policy + a diversity term (UniEnt's OSTTA re-implementation).
 
     Per batch: the frozen source model (a copy made after ``configure_model``, so BatchNorm uses
@@ -43,12 +42,12 @@ class WisdomOfCrowds(Method):
     default_params = "norm"
 
     def __init__(self, model, *, alpha: float = 0.5, margin: float = 0.0, skip_empty: bool = False, **kwargs: Any):
-        self.alpha, self.margin, self.skip_empty = float(alpha), float(margin), bool(skip_empty)
         super().__init__(model, **kwargs)
+        self.alpha, self.margin, self.skip_empty = float(alpha), float(margin), bool(skip_empty)
         self.counters.add("empty_selection_steps", 0)
 
     def default_policies(self) -> list[Policy]:
-        return [Crowds(margin=self.margin, num_classes=self.num_classes)]
+        return [Crowds(margin=self.margin)]
 
     def default_lr(self, batch_size: int) -> float:
         return 1e-3

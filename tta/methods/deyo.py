@@ -9,15 +9,13 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from ..policies.base import Policy
-from ..policies.deyo import PLPD
-from ..policies.entropy import EntropyMargin
-from . import register
-from .base import Method
+from ..policies import PLPD, EntropyMargin, Policy
+from .batch import BatchMethod
+from .registry import register
 
 
 @register("deyo")
-class DeYO(Method):
+class DeYO(BatchMethod):
     """DeYO (Lee et al., ICLR 2024; Jhyun17/DeYO ``forward_and_adapt_deyo``, all flags on).
 
     Per batch: one forward; ``S1 = {H < deyo_margin * ln C}`` (strict; 0.5 ln C); destroy ``x[S1]``
@@ -27,7 +25,7 @@ class DeYO(Method):
     default and the wild-setting value; DeYO's script uses 0.3 for R-50 BN in the mild setting);
     loss ``mean_S2((exp(E0 - H) + exp(PLPD)) * H)`` with ``E0 = margin_e0 * ln C`` (0.4 ln C);
     one SGD step (momentum 0.9) only if ``S2`` is non-empty; pre-update full-batch logits.
-    Policies: ``entropy_margin`` -> ``plpd`` (see :class:`~tta.policies.deyo.PLPD` for where the
+    Policies: ``entropy_margin`` -> ``plpd`` (see :class:`~tta.policies.PLPD` for where the
     transform is applied and the one host sync).
 
     Defaults: parameters ``sar`` (as DeYO's ``collect_params``); lr by the SAR/DeYO rule, doubled at
@@ -53,20 +51,20 @@ class DeYO(Method):
                  column_start: int = 56, reweight_ent: bool = True, reweight_plpd: bool = True,
                  filter_ent: bool = True, filter_plpd: bool = True, transform_seed: int | None = None,
                  **kwargs: Any):
+        super().__init__(model, **kwargs)
         self.deyo_margin, self.margin_e0, self.plpd_threshold = float(deyo_margin), float(margin_e0), float(plpd_threshold)
         self.filter_ent, self.filter_plpd = bool(filter_ent), bool(filter_plpd)
         self._plpd_kwargs = dict(aug_type=aug_type, patch_len=patch_len, occlusion_size=occlusion_size,
                                  row_start=row_start, column_start=column_start, reweight_ent=reweight_ent,
                                  reweight_plpd=reweight_plpd, e0_fraction=margin_e0, seed=transform_seed)
-        super().__init__(model, **kwargs)
 
     def default_policies(self) -> list[Policy]:
         own: list[Policy] = []
         if self.filter_ent:
-            own.append(EntropyMargin(fraction=self.deyo_margin, num_classes=self.num_classes))
+            own.append(EntropyMargin(fraction=self.deyo_margin))
         # filter_plpd=False: the official keeps PLPD >= -2, i.e. every sample (PLPD >= -1 always)
         threshold = self.plpd_threshold if self.filter_plpd else -2.0
-        own.append(PLPD(threshold=threshold, num_classes=self.num_classes, **self._plpd_kwargs))
+        own.append(PLPD(threshold=threshold, **self._plpd_kwargs))
         return own
 
     def hparams(self) -> dict[str, Any]:

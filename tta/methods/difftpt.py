@@ -40,17 +40,13 @@ Notes:
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 
-from ..augment.diffusion import DiffusionViews
-from ..augment.mixed_views import DiffusionViewGenerator, StreamImageNames
-from ..augment.views import ViewGenerator
-from ..policies.cosine_filter import CandidateConfidence, CosineFilter
-from ..policies.tsallis import ViewSelection
-from . import register
-from .base import Counters
+from ..policies import CandidateConfidence, CosineFilter, Policy
+from .inputs import RunInput
+from .registry import register
 from .tpt import TPT
 
 
@@ -66,63 +62,47 @@ class DiffTPT(TPT):
         cosine_on: ``logits`` (the released code) or ``embeddings`` (image embeddings).
         selection: kept fraction of the candidates by entropy (``selection_selfentro`` 0.3).
         steps: tuning steps per image (the script's ``tta_steps`` = 4).
-        diffusion_views: the diffusion source; from the CLI's ``augment.diffusion.*``. Needed unless
-            ``num_diffusion=0``.
+        diffusion_views: the diffusion source (a run input, :mod:`tta.methods.inputs`); on the command
+            line from ``augment.diffusion.*``. Needed unless ``num_diffusion=0``.
         image_names: sample ids -> view-cache image names (default: ``#<id>``; the CLI resolves ids to
             file paths through the stream, :class:`~tta.augment.mixed_views.StreamImageNames`).
         Other arguments as :class:`~tta.methods.tpt.TPT` (lr 5e-3, AdamW, ``augmix``, ``grad_scale``, ``seed``).
     """
 
     paper = "Feng et al., ICCV 2023 (chunmeifeng/DiffTPT)"
-    needs_diffusion_views = True
+
+    @classmethod
+    def run_inputs(cls, hparams: Mapping[str, Any]) -> list[RunInput]:
+        required = hparams.get("num_diffusion", None) != 0
+        return [RunInput("diffusion_views", keyword="diffusion_views", required=required,
+                         hint="or num_diffusion=0 for TPT with DiffTPT's selection")]
 
     def __init__(self, model, *, num_views: int = 64, num_diffusion: int | None = None, cosine: float = 0.8,
-                 cosine_on: str = "logits", selection: float = 0.3, steps: int = 4,
-                 diffusion_views: DiffusionViews | None = None,
-                 image_names: Callable[[Sequence[int]], list[str]] | None = None, **kwargs: Any):
+                 cosine_on: str = "logits", selection: float = 0.3, steps: int = 4, **kwargs: Any):
         if kwargs.get("score", "shannon") != "shannon":
             raise ValueError("DiffTPT ranks its candidates by Shannon entropy; for another view ranking add it "
                              "as an extra policy (policies.extra=[tsallis])")
+        super().__init__(model, num_views=int(num_views) + 1, selection=selection, steps=steps, **kwargs)
         self.num_augmented = int(num_views)
         self.num_diffusion = None if num_diffusion is None else int(num_diffusion)
         self.cosine, self.cosine_on = float(cosine), cosine_on
-        super().__init__(model, num_views=self.num_augmented + 1, selection=selection, steps=steps, **kwargs)
-        own = [CosineFilter(self.cosine, on=cosine_on), CandidateConfidence(self.selection)]
-        given = len(kwargs.get("extra_policies") or ())
-        extra = list(self.policies)[len(self.policies) - given:] if given else []  # without TPT's own selection
-        if any(isinstance(p, ViewSelection) for p in extra):  # an extra view ranking replaces the entropy stage
-            own = own[:1]
-        self.policies = torch.nn.ModuleList(own + extra)
-        self.policy_counters = Counters([f"{p.name}_{what}" for p in self.policies for what in ("seen", "kept")])
-        self.conventional: ViewGenerator = self.views
-        self.num_views = self.num_augmented + 1 + (self.num_diffusion or 0)
-        self.counters.add("diffusion_views", 0)
-        if diffusion_views is not None:
-            self.set_diffusion_views(diffusion_views, names=image_names)
 
-    def set_diffusion_views(self, diffusion: DiffusionViews,
-                            names: Callable[[Sequence[int]], list[str]] | StreamImageNames | None = None) -> None:
-        """Use ``diffusion`` for the diffusion views (``names``: sample ids -> cache image names)."""
-        self.views = DiffusionViewGenerator(self.conventional, diffusion, mode="add", num_diffusion=self.num_diffusion,
-                                            names=names)
-        self.num_diffusion = self.views.num_diffusion
-        self.num_views = self.views.num_views
+    def default_policies(self) -> list[Policy]:
+        """The cosine filter, then the entropy stage (replaced by an extra view ranking)."""
+        return [CosineFilter(ratio=self.cosine, on=self.cosine_on), CandidateConfidence(fraction=self.selection)]
 
     def forward(self, x: torch.Tensor, ids: torch.Tensor | Sequence[int] | None = None,
                 domain: str | None = None) -> torch.Tensor:
-        if self.num_diffusion != 0 and not isinstance(self.views, DiffusionViewGenerator):
+        if self.num_diffusion != 0 and not self.has_diffusion_views:
             raise RuntimeError("DiffTPT needs diffusion views: pass diffusion_views=DiffusionViews(...) (on the "
                                "command line augment.diffusion.pipeline=...), or num_diffusion=0 for TPT with "
                                "DiffTPT's selection")
-        out = super().forward(x, ids=ids, domain=domain)
-        if self.num_diffusion:
-            self.counters.add("diffusion_views", x.shape[0] * self.num_diffusion)
-        return out
+        return super().forward(x, ids=ids, domain=domain)
 
     def hparams(self) -> dict[str, Any]:
         out = super().hparams()
-        out.update(num_views=self.num_views, num_augmented=self.num_augmented, num_diffusion=self.num_diffusion,
-                   cosine=self.cosine, cosine_on=self.cosine_on)
+        out.update(num_augmented=self.num_augmented, num_diffusion=self.num_diffusion, cosine=self.cosine,
+                   cosine_on=self.cosine_on)
         return out
 
 

@@ -12,17 +12,16 @@ from typing import Any
 
 import torch
 
-from ..objectives.entropy import weighted_mean
+from ..objectives import weighted_mean
 from ..objectives.fisher import FisherAnchor
-from ..policies.base import BatchContext, Policy
-from ..policies.eata import Redundancy
-from ..policies.entropy import EATAWeight, EntropyMargin
-from . import register
-from .base import Method
+from ..policies import BatchContext, EATAWeight, EntropyMargin, Policy, Redundancy
+from .batch import BatchMethod
+from .inputs import RunInput
+from .registry import register
 
 
 @register("eta")
-class ETA(Method):
+class ETA(BatchMethod):
     """ETA: EATA without the Fisher anti-forgetting term (Niu et al., ICML 2022; mr-eggplant/EATA).
 
     Per batch, as ``forward_and_adapt_eata`` with ``fishers=None``: one forward; keep
@@ -47,13 +46,13 @@ class ETA(Method):
     default_params = "norm"
 
     def __init__(self, model, *, e_margin: float = 0.4, d_margin: float = 0.05, **kwargs: Any):
-        self.e_margin, self.d_margin = float(e_margin), float(d_margin)
         super().__init__(model, **kwargs)
+        self.e_margin, self.d_margin = float(e_margin), float(d_margin)
 
     def default_policies(self) -> list[Policy]:
-        return [EntropyMargin(fraction=self.e_margin, num_classes=self.num_classes),
+        return [EntropyMargin(fraction=self.e_margin),
                 Redundancy(d_margin=self.d_margin, num_classes=self.num_classes),
-                EATAWeight(e0_fraction=self.e_margin, num_classes=self.num_classes)]
+                EATAWeight(e0_fraction=self.e_margin)]
 
     def hparams(self) -> dict[str, Any]:
         return {**super().hparams(), "e_margin": self.e_margin,
@@ -88,13 +87,26 @@ class EATA(ETA):
     """
 
     paper = "Niu et al., ICML 2022 (mr-eggplant/EATA)"
+    input_keywords = ("fisher_data",)
+
+    @classmethod
+    def run_inputs(cls, hparams: dict[str, Any]) -> list[RunInput]:
+        """Clean images for the Fisher, unless ``fisher_path`` exists or ``fisher_alpha`` is 0."""
+        path = hparams.get("fisher_path")
+        if hparams.get("fisher_alpha", 2000.0) == 0 or (path and Path(str(path)).expanduser().is_file()):
+            return []
+        hint = (f"method.fisher_path={path} does not exist yet and would be computed from them" if path else
+                "or pass method.fisher_path=<Fisher file> (saved there by a first run that had the clean images, "
+                "or by EATA.save_fisher())")
+        return [RunInput("clean_images", keyword="fisher_data", options={"num_samples": int(hparams.get("fisher_size") or 2000)},
+                         hint=hint)]
 
     def __init__(self, model, *, fisher_alpha: float = 2000.0, fisher_size: int = 2000,
                  fisher_path: str | None = None, fisher_data: Any = None, fisher_strict: bool = True,
                  **kwargs: Any):
         super().__init__(model, **kwargs)
         self.fisher_size = int(fisher_size)
-        self.fisher_batch_size = int(kwargs.get("batch_size", 64))
+        self.fisher_batch_size = self.batch_size
         self.fisher = FisherAnchor(self.param_names, self.adapted_parameters(), fisher_alpha)
         self._fisher_data = None
         self._fisher_save_path: Path | None = None

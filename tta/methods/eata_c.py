@@ -11,9 +11,9 @@ import torch
 from torch import nn
 
 from ..models.params import NORM_TYPES
-from ..objectives.entropy import shannon_entropy, weighted_mean
-from . import register
+from ..objectives import shannon_entropy, weighted_mean
 from .eata import EATA
+from .registry import register
 
 
 class ChannelDropout:
@@ -73,9 +73,9 @@ class EATAC(EATA):
 
     def __init__(self, model, *, subnet_dropout: float = 0.1, divergence_weight: float = 1.0,
                  minmax_weight: float = 1.0, **kwargs: Any):
+        super().__init__(model, **kwargs)
         self.subnet_dropout, self.divergence_weight = float(subnet_dropout), float(divergence_weight)
         self.minmax_weight = float(minmax_weight)
-        super().__init__(model, **kwargs)
         self.subnet = ChannelDropout(self.model.net, self.subnet_dropout)
         self.counters.add("label_disagreements", 0)
 

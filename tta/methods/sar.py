@@ -10,16 +10,15 @@ from typing import Any
 
 import torch
 
-from ..objectives.entropy import shannon_entropy, weighted_mean
+from ..objectives import shannon_entropy, weighted_mean
 from ..objectives.sam import SAMPerturbation
-from ..policies.base import Policy
-from ..policies.entropy import EntropyMargin
-from . import register
-from .base import Method
+from ..policies import EntropyMargin, Policy
+from .batch import BatchMethod
+from .registry import register
 
 
 @register("sar")
-class SAR(Method):
+class SAR(BatchMethod):
     """SAR (Niu et al., ICLR 2023; mr-eggplant/SAR ``forward_and_adapt_sar``).
 
     Per batch:
@@ -69,11 +68,11 @@ class SAR(Method):
                  reset_constant: float = 0.2, ema_momentum: float = 0.9, recovery: bool = True,
                  skip_empty: bool = False, clear_ema_on_recovery: bool = False,
                  reset_momentum_on_recovery: bool = False, **kwargs: Any):
+        super().__init__(model, **kwargs)
         self.e_margin, self.rho, self.adaptive = float(e_margin), float(rho), bool(adaptive)
         self.reset_constant, self.ema_momentum, self.recovery = float(reset_constant), float(ema_momentum), bool(recovery)
         self.skip_empty, self.clear_ema_on_recovery = bool(skip_empty), bool(clear_ema_on_recovery)
         self.reset_momentum_on_recovery = bool(reset_momentum_on_recovery)
-        super().__init__(model, **kwargs)
         params = self.adapted_parameters()
         self.sam = SAMPerturbation(params, rho=self.rho, adaptive=self.adaptive)
         for i, p in enumerate(params):
@@ -84,7 +83,7 @@ class SAR(Method):
             self.counters.add(name, 0)
 
     def default_policies(self) -> list[Policy]:
-        return [EntropyMargin(fraction=self.e_margin, num_classes=self.num_classes)]
+        return [EntropyMargin(fraction=self.e_margin)]
 
     def margin(self) -> float:
         return self.e_margin * math.log(self.num_classes)
@@ -119,16 +118,8 @@ class SAR(Method):
         nonempty = kept2 > 0
         ok = self.update(None, ok & nonempty if self.skip_empty else ok)
         self.counters.add("forwards", 2)
-        self.counters.add("backwards", 2)
-        self.counters.add("steps", ok)
-        self.counters.add("kept", (weights > 0).sum() * ok)
         self.counters.add("second_kept", kept2 * ok)
-        if self.skip_empty:
-            self.counters.add("skipped_empty", ~nonempty)
-            self.counters.add("skipped_nonfinite", nonempty & ~ok)
-        else:
-            self.counters.add("empty_selection_steps", ~nonempty & ok)
-            self.counters.add("skipped_nonfinite", ~ok)
+        self.record_step(ok, (weights > 0).sum(), nonempty=nonempty, require_nonempty=self.skip_empty, backwards=2)
         if self.recovery:
             self._recover(self.ema_exists & (self.ema < self.reset_constant))
         return logits.detach()

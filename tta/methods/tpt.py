@@ -23,7 +23,7 @@ Implementation notes:
   ``torch._amp_update_scale_``, what ``torch.amp.GradScaler`` calls): no host sync per image. With
   bf16 autocast or fp32 it is numerically a no-op (set ``grad_scale=0`` to switch it off), with fp16
   it is TPT's ``GradScaler(init_scale=1000)``.
-* Selection is a policy over views (:mod:`tta.policies.tsallis`): ``score="shannon"`` is TPT's
+* Selection is a policy over views (:class:`~tta.policies.TPTConfidence`): ``score="shannon"`` is TPT's
   ``select_confident_samples``; ``score="tsallis"`` (or ``policies.extra=[tsallis]``) ranks views
   with ADTE's score instead. Keeping ``max(int(V * 0.1), 1)`` views makes small view counts work
   (identical to TPT for V >= 10).
@@ -39,29 +39,12 @@ from typing import Any, Sequence
 
 import torch
 
-from ..augment.views import ViewGenerator
-from ..models.clip import ClipClassifier
-from ..policies.base import BatchContext, Policy
-from ..policies.tsallis import TPTConfidence, TsallisRanking, ViewSelection
-from . import register
-from .base import Method
+from ..objectives import weighted_marginal_entropy
+from ..policies import Policy, TPTConfidence, TsallisRanking
+from .registry import register
+from .views import ViewMethod
 
 SCORES = ("shannon", "tsallis")
-
-
-def weighted_marginal_entropy(logits: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """Entropy of the weighted mean probability over views, in log space (TPT's ``avg_entropy``).
-
-    With 0/1 weights this is exactly TPT's loss on the kept views: ``log p_bar = logsumexp_v
-    (log_softmax(z_v)) - ln(k)``, clamped at the dtype minimum, ``H = -sum p_bar log p_bar``.
-    """
-    log_p = logits.float().log_softmax(dim=-1)
-    w = weights.float().to(log_p.device)
-    log_w = torch.where(w > 0, w.clamp_min(torch.finfo(torch.float32).tiny).log(), torch.full_like(w, -torch.inf))
-    total = w.sum().clamp_min(torch.finfo(torch.float32).tiny)
-    log_mean = torch.logsumexp(log_p + log_w[:, None], dim=0) - total.log()
-    log_mean = log_mean.clamp(min=torch.finfo(log_mean.dtype).min)
-    return -(log_mean.exp() * log_mean).sum()
 
 
 class DeviceGradScaler(torch.nn.Module):
@@ -90,7 +73,7 @@ class DeviceGradScaler(torch.nn.Module):
 
 
 @register("tpt")
-class TPT(Method):
+class TPT(ViewMethod):
     """Test-time prompt tuning on a CLIP model (``model=clip:...``); see the module docstring.
 
     Args:
@@ -108,63 +91,31 @@ class TPT(Method):
     paper = "Shu et al., NeurIPS 2022 (azshue/TPT)"
     default_params = "prompt"
     default_optimizer = "adamw"
-    batch_stats = False
-    takes_batch_info = True
 
     def __init__(self, model, *, num_views: int = 64, selection: float = 0.1, score: str = "shannon",
                  lr: float = 5e-3, weight_decay: float = 0.01, optimizer: str = "adamw", params: str = "prompt",
                  steps: int = 1, augmix: bool = False, grad_scale: float = 1000.0, seed: int = 0, **kwargs: Any):
         if score not in SCORES:
             raise ValueError(f"score must be one of {SCORES}, not {score!r}")
-        self.num_views, self.selection, self.score_name = int(num_views), float(selection), score
-        super().__init__(model, lr=lr, weight_decay=weight_decay, optimizer=optimizer, params=params, steps=steps,
-                         **kwargs)
-        if not isinstance(self.model, ClipClassifier):
-            raise ValueError("TPT needs a CLIP model: pass model=clip:<arch>/<weights> (tta.models.clip)")
+        super().__init__(model, num_views=num_views, augmix=augmix, seed=seed, lr=lr, weight_decay=weight_decay,
+                         optimizer=optimizer, params=params, steps=steps, **kwargs)
         if self.optimizer is None:
             raise ValueError(f"parameter preset {self.params_preset!r} selects no parameters to tune")
-        own: Policy = (TPTConfidence(self.num_classes, self.selection) if score == "shannon" else
-                       TsallisRanking(self.num_classes, self.selection, score="adte"))
-        extra = list(self.policies)
-        # A view-ranking policy given as an extra replaces TPT's own confidence selection.
-        self.policies = torch.nn.ModuleList(extra if any(isinstance(p, ViewSelection) for p in extra)
-                                            else [own] + extra)
-        for p in self.policies:
-            for what in ("seen", "kept"):
-                self.policy_counters.add(f"{p.name}_{what}", 0)
-        self.model.eval()  # TPT evaluates CLIP in eval mode (BatchNorms of the ResNet CLIPs keep their statistics)
-        self.views = ViewGenerator(self.num_views, self.model.input_size[0], augmix=augmix, seed=seed)
+        self.selection, self.score_name = float(selection), score
         self.scaler = DeviceGradScaler(grad_scale) if grad_scale and grad_scale > 0 else None
         self.prompt_only = self.params_preset == "prompt"
-        self.images_seen = 0
-        for name in ("views", "text_forwards", "episodes"):
+        for name in ("text_forwards", "episodes"):
             self.counters.add(name, 0)
+
+    def default_policies(self) -> list[Policy]:
+        """TPT's confidence selection (or ADTE's score with ``score="tsallis"``); an extra view
+        ranking replaces it."""
+        if self.score_name == "shannon":
+            return [TPTConfidence(fraction=self.selection)]
+        return [TsallisRanking(fraction=self.selection, num_classes=self.num_classes, score="adte")]
 
     def default_lr(self, batch_size: int) -> float:
         return 5e-3
-
-    # ------------------------------------------------------------------ state: adapted params only
-    def _capture_state(self) -> dict[str, Any]:
-        return {"params": [p.detach().clone() for p in self.adapted_parameters()]}
-
-    @torch.no_grad()
-    def reset_episode(self) -> None:
-        """Back to the initial prompt and a fresh AdamW state (TPT's per-image reset); the loss
-        scaler and the policies' state are kept."""
-        for p, p0 in zip(self.adapted_parameters(), self._initial_state["params"]):
-            p.copy_(p0)
-        if self.optimizer is not None:
-            for state in self.optimizer.state.values():
-                for value in state.values():
-                    if torch.is_tensor(value):
-                        value.zero_()
-
-    def reset(self) -> None:
-        """Source state for a new domain: prompt, optimizer state and policies (not the scaler)."""
-        self.reset_episode()
-        for policy in self.policies:
-            policy.reset()
-        self.reset_state()
 
     # ------------------------------------------------------------------ the episodic loop
     def forward(self, x: torch.Tensor, ids: torch.Tensor | Sequence[int] | None = None,
@@ -198,7 +149,7 @@ class TPT(Method):
                 image = self._encode(views)
             logits = self.model.logits_from_features(image, self._text())
             if weights is None:  # the selection is made on the first step and reused (TPT)
-                weights = self.select(BatchContext(views, logits, self.model))
+                weights = self.select(self.context(views, logits))
             loss = weighted_marginal_entropy(logits, weights)
             self.scaled_step(loss, weights)
         with torch.no_grad():
@@ -217,16 +168,11 @@ class TPT(Method):
         kept = (weights > 0).sum()
         ok = self.update(None, clean & (kept > 0))
         self.scaler.update(found_inf)
-        self.counters.add("backwards", 1)
-        self.counters.add("steps", ok)
-        self.counters.add("kept", kept * ok)
-        self.counters.add("skipped_empty", kept == 0)
-        self.counters.add("skipped_nonfinite", (kept > 0) & ~ok)
+        self.record_step(ok, kept)
         return ok
 
     def hparams(self) -> dict[str, Any]:
         out = super().hparams()
-        out.update(num_views=self.num_views, selection=self.selection, score=self.score_name,
-                   views=self.views.hparams(), grad_scale=(float(self.scaler.scale) if self.scaler is not None else None),
+        out.update(selection=self.selection, score=self.score_name, grad_scale=(float(self.scaler.scale) if self.scaler is not None else None),
                    prompt_tokens=self.model.net.prompt.length if self.model.net.prompt is not None else None)
         return out

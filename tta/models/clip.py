@@ -55,6 +55,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .classifier import Classifier, ModelInfo, pretrained_or_random
+from .specs import MODEL_SPECS, Built, SpecRequest
 from .clip_templates import get_templates
 from .params import BN_TYPES, NORM_TYPES, _sar_excludes
 
@@ -504,7 +505,7 @@ def create_open_clip(arch: str, tag: str | None, pretrained: str | bool = "auto"
     return model, f"pretrained:{tag}" if loaded else "random", notes
 
 
-def load_clip_classifier(
+def build_clip_net(
     spec: str | nn.Module,
     *,
     num_classes: int | None = None,
@@ -518,20 +519,8 @@ def load_clip_classifier(
     ctx_tokens: str = "words",
     truncate: bool = True,
     device: str | torch.device | None = None,
-) -> ClipClassifier:
-    """A :class:`ClipClassifier` from ``"<arch>/<tag or file>"`` (the part after ``clip:``) or an
-    open_clip model.
-
-    Args:
-        num_classes: number of classes; without ``class_names`` only 1000 (ImageNet) has default names.
-        weights: a local state dict loaded into the built model after creation (strict).
-        class_names: one name per class (default: the 1,000 ImageNet names CLIP and TPT use).
-        templates: frozen-head prompt templates: ``single``, ``imagenet80``, ``tip7`` or a list.
-        pretrained: ``auto`` / ``True`` / ``False``, as in :func:`~tta.models.load_classifier`.
-        tokenizer: for a model object (default: the arch's open_clip tokenizer, else CLIP's BPE).
-        ctx_init, n_ctx, ctx_tokens: prompt learner initialisation (:class:`PromptLearner`);
-        truncate: EOT truncation of prompts.
-    """
+) -> tuple[ClipNet, ModelInfo]:
+    """The :class:`ClipNet` and its :class:`ModelInfo` (see :func:`load_clip_classifier`)."""
     from .clip_classnames import IMAGENET_CLASSES
 
     if class_names is None:
@@ -556,7 +545,7 @@ def load_clip_classifier(
             raise FileNotFoundError(f"weights file not found: {path}")
         import open_clip
 
-        open_clip.load_checkpoint(clip, str(path))
+        open_clip.load_checkpoint(clip, str(path), weights_only=True)
         label = str(path)
     if device is not None:
         clip = clip.to(device)
@@ -566,13 +555,55 @@ def load_clip_classifier(
     net = ClipNet(clip, tokenizer, class_names, templates, ctx_init=ctx_init, n_ctx=n_ctx, truncate=truncate,
                   ctx_tokens=ctx_tokens)
     notes.append(f"head: {len(class_names)} classes, templates {net.template_spec!r}")
-    info = ModelInfo(spec_name, "open_clip", label, mean, std, size, num_classes=len(class_names), notes=notes)
+    origin = "weights" if label != "random" else "model_config"
+    info = ModelInfo(spec_name, "open_clip", label, mean, std, size, num_classes=len(class_names), notes=notes,
+                     normalization_source=origin, input_channels=3, crop_pct=1.0)
+    return net, info
+
+
+def load_clip_classifier(
+    spec: str | nn.Module,
+    *,
+    num_classes: int | None = None,
+    weights: str | Path | None = None,
+    class_names: Sequence[str] | None = None,
+    templates: str | Sequence[str] = "single",
+    pretrained: str | bool = "auto",
+    tokenizer: Callable | None = None,
+    ctx_init: str | None = DEFAULT_CTX_INIT,
+    n_ctx: int = 4,
+    ctx_tokens: str = "words",
+    truncate: bool = True,
+    device: str | torch.device | None = None,
+) -> ClipClassifier:
+    """A :class:`ClipClassifier` from ``"<arch>/<tag or file>"`` (the part after ``clip:``) or an
+    open_clip model.
+
+    Args:
+        num_classes: number of classes; without ``class_names`` only 1000 (ImageNet) has default names.
+        weights: a local state dict loaded into the built model after creation (strict, ``weights_only``).
+        class_names: one name per class (default: the 1,000 ImageNet names CLIP and TPT use).
+        templates: frozen-head prompt templates: ``single``, ``imagenet80``, ``tip7`` or a list.
+        pretrained: ``auto`` / ``True`` / ``False``, as in :func:`~tta.models.load_classifier`.
+        tokenizer: for a model object (default: the arch's open_clip tokenizer, else CLIP's BPE).
+        ctx_init, n_ctx, ctx_tokens: prompt learner initialisation (:class:`PromptLearner`);
+        truncate: EOT truncation of prompts.
+    """
+    net, info = build_clip_net(spec, num_classes=num_classes, weights=weights, class_names=class_names,
+                               templates=templates, pretrained=pretrained, tokenizer=tokenizer, ctx_init=ctx_init,
+                               n_ctx=n_ctx, ctx_tokens=ctx_tokens, truncate=truncate, device=device)
     return ClipClassifier(net, info)
 
 
-def is_clip(model: nn.Module) -> bool:
-    return isinstance(model, ClipClassifier)
+@MODEL_SPECS.register("clip:", help="clip:<arch>/<pretrained tag or checkpoint file>  open_clip zero-shot classifier "
+                                    "(class names from the data config), e.g. clip:ViT-B-16/openai")
+def clip_spec(rest: str, request: SpecRequest) -> Built:
+    """``load_classifier("clip:...")``: the text head is built from ``request``'s class names and templates."""
+    net, info = build_clip_net(rest, num_classes=request.num_classes, weights=request.weights,
+                               class_names=request.resolve_class_names(), templates=request.templates or "single",
+                               pretrained=request.pretrained)
+    return Built(net, info, fixed_input_size=True, weights_loaded=True, head_sized=True, wrap=ClipClassifier)
 
 
-__all__ = ["ClipClassifier", "ClipNet", "PromptLearner", "TextTower", "create_open_clip", "is_clip",
+__all__ = ["ClipClassifier", "ClipNet", "PromptLearner", "TextTower", "build_clip_net", "create_open_clip",
            "load_clip_classifier", "parse_clip_spec", "text_tower"]

@@ -1,7 +1,8 @@
 """The embedded digits-C source model: a small BatchNorm CNN for 32x32 RGB digits.
 
 Trained by ``scripts/train_digits_source.py`` (fixed seed) on the digits-C training split; the
-weights ship inside the package as ``tta/weights/digits_cnn.safetensors``.
+weights ship inside the package as ``tta/weights/digits_cnn.safetensors``. Model spec ``digits_cnn``
+(with ``weights=<file>``: the same architecture with other weights).
 """
 from __future__ import annotations
 
@@ -9,6 +10,9 @@ from pathlib import Path
 
 import torch
 from torch import nn
+
+from .classifier import ModelInfo
+from .specs import MODEL_SPECS, Built, SpecRequest
 
 WEIGHTS_FILE = Path(__file__).resolve().parent.parent / "weights" / "digits_cnn.safetensors"
 DIGITS_MEAN = (0.5, 0.5, 0.5)
@@ -36,17 +40,26 @@ class DigitsCNN(nn.Module):
         return self.fc(self.features(x))
 
 
-def load_digits_cnn(weights: str | Path | None = None):
-    """The shipped digits-C source model (or the same architecture with other weights)."""
+def _shipped_digits() -> tuple[DigitsCNN, ModelInfo]:
     from safetensors.torch import load_file
 
-    from .classifier import ModelInfo
-
-    path = Path(weights) if weights else WEIGHTS_FILE
+    if not WEIGHTS_FILE.is_file():
+        raise FileNotFoundError(f"digits source weights not found at {WEIGHTS_FILE}; run scripts/train_digits_source.py")
     net = DigitsCNN()
-    if not path.is_file():
-        raise FileNotFoundError(f"digits source weights not found at {path}; run scripts/train_digits_source.py")
-    net.load_state_dict(load_file(str(path)))
-    info = ModelInfo("digits_cnn", "digits", path.name if path == WEIGHTS_FILE else str(path),
-                     DIGITS_MEAN, DIGITS_STD, (32, 32), 10)
+    net.load_state_dict(load_file(str(WEIGHTS_FILE)))
+    info = ModelInfo("digits_cnn", "digits", WEIGHTS_FILE.name, DIGITS_MEAN, DIGITS_STD, (32, 32), 10,
+                     normalization_source="weights", crop_pct=1.0)
     return net, info
+
+
+@MODEL_SPECS.register("digits_cnn", help="digits_cnn  the digits-C source model shipped with the package")
+def digits_spec(rest: str, request: SpecRequest) -> Built:
+    """The shipped model; with ``request.weights`` the bare architecture (the caller loads the file)."""
+    if request.weights is None:
+        net, info = _shipped_digits()
+    else:
+        net = DigitsCNN()
+        info = ModelInfo("digits_cnn", "digits", "random", DIGITS_MEAN, DIGITS_STD, (32, 32), 10,
+                         normalization_source="model_config", crop_pct=1.0)
+    return Built(net, info)
+

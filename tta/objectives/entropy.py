@@ -1,4 +1,16 @@
-"""Entropy objectives (in nats, always from logits)."""
+"""Entropy objectives, in nats: the one implementation of each entropy formula of the toolkit.
+
+* :func:`shannon_entropy` -- per-sample entropy from logits, ``-sum_c softmax(z)_c log_softmax(z)_c``:
+  the literal expression of Tent, EATA, SAR, DeYO (``softmax_entropy``), TPT and DiffTPT
+  (``select_confident_samples``);
+* :func:`shannon_entropy_of_probs` -- ``-sum_c p_c log(p_c + 1e-8)`` from probabilities, the
+  smoothed form ADTE/ZERO rank views with (numerically distinct from the above, kept as theirs);
+* :func:`marginal_entropy` / :func:`weighted_marginal_entropy` -- entropy of the (weighted) mean
+  prediction, computed in log space (TPT's ``avg_entropy``; the diversity term of SWR/OSTTA);
+* :func:`weighted_mean` -- the selection-weighted loss of the batch methods.
+
+Tsallis scores are in :mod:`tta.objectives.tsallis`.
+"""
 from __future__ import annotations
 
 import math
@@ -6,18 +18,48 @@ import math
 import torch
 
 
-def shannon_entropy(logits: torch.Tensor) -> torch.Tensor:
-    """Per-sample ``H(softmax(z)) = -sum_c p_c log p_c``, computed as the official Tent code does."""
-    log_p = logits.log_softmax(dim=1)
-    return -(log_p.exp() * log_p).sum(dim=1)
+def shannon_entropy(logits: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """``H(softmax(z)) = -sum_c softmax(z)_c * log_softmax(z)_c`` over ``dim`` (the class dimension).
+
+    The official expression of Tent/EATA/SAR/DeYO (``-(x.softmax(1) * x.log_softmax(1)).sum(1)``)
+    and of TPT/DiffTPT's view confidence. Differentiable; computed in the dtype of ``logits``
+    (callers that rank views pass ``logits.float()``, as TPT).
+    """
+    return -(logits.softmax(dim) * logits.log_softmax(dim)).sum(dim)
+
+
+def shannon_entropy_of_probs(probs: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """``-sum_c p_c log(p_c + eps)`` over the last dimension, from probabilities (ADTE/ZERO's Shannon
+    view score without ``--use_adte``; ``eps = 1e-8`` as theirs)."""
+    return -(probs * torch.log(probs + eps)).sum(-1)
+
+
+def _entropy_of_log_mean(log_mean: torch.Tensor) -> torch.Tensor:
+    """``-sum_c m_c log m_c`` from ``log m`` (C,), clamped at the dtype minimum (TPT's ``avg_entropy``)."""
+    log_mean = log_mean.clamp(min=torch.finfo(log_mean.dtype).min)
+    return -(log_mean.exp() * log_mean).sum()
 
 
 def marginal_entropy(logits: torch.Tensor) -> torch.Tensor:
-    """Entropy of the mean prediction ``H(mean_i softmax(z_i))``, computed in log space (TPT)."""
+    """Entropy of the mean prediction ``H(mean_i softmax(z_i))`` over the N rows of (N, C) logits,
+    in log space: ``log m = logsumexp_i(log_softmax(z_i)) - ln N``."""
     log_p = logits.float().log_softmax(dim=1)
-    log_mean = torch.logsumexp(log_p, dim=0) - math.log(log_p.shape[0])
-    log_mean = log_mean.clamp(min=torch.finfo(log_mean.dtype).min)
-    return -(log_mean.exp() * log_mean).sum()
+    return _entropy_of_log_mean(torch.logsumexp(log_p, dim=0) - math.log(log_p.shape[0]))
+
+
+def weighted_marginal_entropy(logits: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Entropy of the weighted mean probability over views, in log space (TPT's ``avg_entropy``).
+
+    ``log p_bar = logsumexp_v(log_softmax(z_v) + log w_v) - log(sum_v w_v)``, clamped at the dtype
+    minimum, ``H = -sum_c p_bar_c log p_bar_c``. With 0/1 weights this is exactly TPT's loss on the
+    kept views (``logsumexp`` over the ``k`` kept views minus ``ln k``); views with weight 0 do not
+    contribute. ``logits`` (V, C), ``weights`` (V,).
+    """
+    log_p = logits.float().log_softmax(dim=-1)
+    w = weights.float().to(log_p.device)
+    log_w = torch.where(w > 0, w.clamp_min(torch.finfo(torch.float32).tiny).log(), torch.full_like(w, -torch.inf))
+    total = w.sum().clamp_min(torch.finfo(torch.float32).tiny)
+    return _entropy_of_log_mean(torch.logsumexp(log_p + log_w[:, None], dim=0) - total.log())
 
 
 def weighted_mean(values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -41,8 +83,3 @@ def diversity(logits: torch.Tensor, alpha: float) -> torch.Tensor:
     every sample of the batch, selected or not. Computed in log space (finite for a zero mean).
     """
     return -alpha * marginal_entropy(logits)
-
-
-def margin_from_fraction(fraction: float, num_classes: int) -> float:
-    """An entropy margin given as a fraction of ``ln C`` (e.g. EATA's 0.4 ln C)."""
-    return fraction * math.log(num_classes)

@@ -4,16 +4,35 @@ A policy reads a :class:`BatchContext` and returns a weight per sample (0 = excl
 multiplies the weights of its policies in order; each policy is told which samples are still
 alive, so expensive signals (the frozen source model's logits, the logits of an object-destroyed
 view) are computed only for those, once per batch, and shared through the context.
+
+Every policy declares its contract with the methods:
+
+* ``level``: what its "samples" are -- ``"samples"`` (it ranks or weights the samples of a batch:
+  Tent, EATA, SAR, DeYO, ...) or ``"views"`` (it ranks the views of *one* image: TPT, DiffTPT, ADTE);
+* ``needs``: the signals it asks the method's context for, among :data:`SIGNALS` -- ``"source"``
+  (logits of the frozen source model), ``"model"`` (re-forwarding a transformed batch through the
+  adapted model) and ``"embeddings"`` (image embeddings of the views).
+
+:func:`~tta.policies.compatibility.check_compatible` turns a mismatch into a ``ValueError``.
 """
 from __future__ import annotations
 
 from functools import cached_property
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
 import torch
 from torch import nn
 
 from ..objectives.entropy import shannon_entropy
+
+#: what a policy ranks: the samples of a batch, or the views of one image
+LEVELS = ("samples", "views")
+#: the signals a policy may need from the method's context, with what each one is
+SIGNALS: dict[str, str] = {
+    "source": "the frozen source model (its logits on each batch)",
+    "model": "to re-forward a transformed batch through the adapted model",
+    "embeddings": "image embeddings of the views",
+}
 
 
 class BatchContext:
@@ -52,7 +71,7 @@ class BatchContext:
     @cached_property
     def entropy(self) -> torch.Tensor:
         """Per-sample Shannon entropy of the adapted logits (differentiable)."""
-        return shannon_entropy(self.logits)
+        return shannon_entropy(self.logits, dim=1)
 
     @cached_property
     def probs(self) -> torch.Tensor:
@@ -74,16 +93,30 @@ class BatchContext:
 class Policy(nn.Module):
     """Base class: ``weight = policy(ctx, alive)``; state lives in buffers so it saves and moves.
 
-    Subclasses implement :meth:`forward`. ``reset()`` is called when the method resets; only
-    state that the paper's code resets should be cleared there.
+    Subclasses implement :meth:`forward` and declare ``level`` and ``needs`` (see the module
+    docstring). ``reset()`` is called when the method resets; only state that the paper's code
+    resets should be cleared there. A constructor takes ``num_classes`` only if it uses it
+    (:func:`tta.policies.build` passes it to those only).
     """
 
-    name: str = "policy"
-    #: the signals a policy needs from the method ("source" = a frozen source model)
+    #: the registered name (set by the registry)
+    name: ClassVar[str] = "policy"
+    #: ``"samples"`` (ranks or weights the samples of a batch) or ``"views"`` (the views of one image)
+    level: ClassVar[str] = "samples"
+    #: the signals the policy needs from the method's context (keys of :data:`SIGNALS`); a class
+    #: attribute, which an instance may override when its needs depend on its settings
     needs: tuple[str, ...] = ()
     #: constructor defaults used when a method builds the policy by name as an *extra* policy
     #: (``extra_policies=[name]``); ``policy_kwargs`` override them
-    extra_defaults: dict[str, Any] = {}
+    extra_defaults: ClassVar[dict[str, Any]] = {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.level not in LEVELS:
+            raise TypeError(f"{cls.__name__}.level must be one of {LEVELS}, not {cls.level!r}")
+        unknown = [s for s in cls.needs if s not in SIGNALS]
+        if unknown:
+            raise TypeError(f"{cls.__name__}.needs names unknown signals {unknown}; known: {sorted(SIGNALS)}")
 
     def forward(self, ctx: BatchContext, alive: torch.Tensor) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError

@@ -1,10 +1,10 @@
 """DiffTPT's cosine filter: keep the views that agree most with the original test image.
 
 A *view-level* policy: the "samples" of the batch context are the views of one test image, with
-view 0 the original (Resize + CenterCrop). It works inside any view-based method (TPT, DiffTPT,
-ADTE) or on a plain batch whose first sample is the reference.
+view 0 the original (Resize + CenterCrop). It works inside any per-image view method (TPT,
+DiffTPT, ADTE); a batch method refuses it at build time.
 
-Official rule (DiffTPT ``select_confident_samples_cosine``, METHODS.md section 8, step 2):
+Official rule (DiffTPT ``select_confident_samples_cosine``, its first stage):
 cosine similarity between the **logit vector** of view 0 and the logit vector of every other
 view; keep the ``floor((V - 1) * ratio)`` most similar (descending, ``ratio = 0.8``: 101 of 127),
 then prepend view 0 (102 candidates). ``on="embeddings"`` compares image embeddings instead, as
@@ -21,34 +21,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from . import register
+from ..objectives.selection import top_fraction
 from .base import BatchContext, Policy
+from .registry import register
 
 ON = ("logits", "embeddings")
-
-
-def keep_count(n: torch.Tensor, ratio: float) -> torch.Tensor:
-    """``int(n * ratio)`` on the device, in float64 as Python computes it (``int(127 * 0.8)`` = 101)."""
-    return torch.floor(n.to(torch.float64) * float(ratio)).to(torch.long)
-
-
-def rank_among(scores: torch.Tensor, alive: torch.Tensor, descending: bool) -> torch.Tensor:
-    """Rank (0 = best) of every alive entry of ``scores`` among the alive ones; dead entries rank last.
-
-    Sorting is stable, so ties keep index order (the official ``argsort`` is not stable; ties are
-    practically irrelevant for continuous scores).
-    """
-    scores = scores.detach().float()
-    fill = float("-inf") if descending else float("inf")
-    order = torch.where(alive, scores, torch.full_like(scores, fill)).argsort(descending=descending, stable=True)
-    ranks = torch.empty_like(order)
-    ranks[order] = torch.arange(order.numel(), device=order.device)
-    return ranks
-
-
-def top_fraction(scores: torch.Tensor, alive: torch.Tensor, ratio: float, descending: bool) -> torch.Tensor:
-    """Mask of the ``floor(n_alive * ratio)`` alive entries with the highest (``descending``) or lowest scores."""
-    return alive & (rank_among(scores, alive, descending) < keep_count(alive.sum(), ratio))
 
 
 def view_embeddings(ctx: BatchContext) -> torch.Tensor:
@@ -81,18 +58,21 @@ class CosineFilter(Policy):
         ratio: fraction of the other views to keep (DiffTPT ``selection_cosine`` = 0.8).
         on: ``"logits"`` (the released code) or ``"embeddings"`` (image embeddings).
         reference: index of the original view (0).
-        num_classes: ignored (the policy factory passes it to every policy).
 
-    Returns 1 for view 0 (when alive) and the kept views, 0 otherwise.
+    Returns 1 for view 0 (when alive) and the kept views, 0 otherwise. ``needs`` is
+    ``("embeddings",)`` with ``on="embeddings"``, nothing with ``on="logits"``.
     """
 
-    def __init__(self, ratio: float = 0.8, on: str = "logits", reference: int = 0, num_classes: int | None = None):
+    level = "views"
+
+    def __init__(self, ratio: float = 0.8, on: str = "logits", reference: int = 0):
         super().__init__()
         if on not in ON:
             raise ValueError(f"cosine_filter: on must be one of {ON}, got {on!r}")
         if not 0.0 <= ratio <= 1.0:
             raise ValueError(f"cosine_filter: ratio must be in [0, 1], got {ratio}")
         self.ratio, self.on, self.reference = float(ratio), on, int(reference)
+        self.needs: tuple[str, ...] = ("embeddings",) if on == "embeddings" else ()
 
     def similarity(self, ctx: BatchContext) -> torch.Tensor:
         """Cosine similarity of every view to the reference view (the reference's own is 1)."""
@@ -114,34 +94,3 @@ class CosineFilter(Policy):
 
     def hparams(self) -> dict[str, Any]:
         return {"ratio": self.ratio, "on": self.on, "reference": self.reference}
-
-
-@register("difftpt_confidence")
-class CandidateConfidence(Policy):
-    """DiffTPT's second filter: the ``floor(n * fraction)`` lowest-entropy views among the ``n`` views
-    still alive (the cosine filter's candidates; 30 of 102 with ``fraction = 0.3``).
-
-    Unlike ``tpt_confidence`` (a fraction of *all* views), the count is relative to the views the
-    earlier policies kept, as DiffTPT's ``select_confident_samples_cosine`` computes it on the
-    candidate list. At least one view is kept when any is alive (identical for ``n >= 4``).
-
-    Args:
-        fraction: DiffTPT ``selection_selfentro`` (0.3).
-        num_classes: ignored.
-    """
-
-    def __init__(self, fraction: float = 0.3, num_classes: int | None = None):
-        super().__init__()
-        if not 0.0 < fraction <= 1.0:
-            raise ValueError(f"difftpt_confidence: fraction must be in (0, 1], got {fraction}")
-        self.fraction = float(fraction)
-
-    def forward(self, ctx: BatchContext, alive: torch.Tensor) -> torch.Tensor:
-        logits = ctx.logits.detach().float()
-        entropy = -(logits.softmax(1) * logits.log_softmax(1)).sum(1)  # the official expression
-        n = alive.sum()
-        k = torch.maximum(keep_count(n, self.fraction), (n > 0).long())
-        return (alive & (rank_among(entropy, alive, descending=False) < k)).to(torch.float32)
-
-    def hparams(self) -> dict[str, Any]:
-        return {"fraction": self.fraction}

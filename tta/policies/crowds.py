@@ -1,7 +1,7 @@
 """Wisdom-of-crowds selection (Lee, Das, Choo, Choi, ICCV 2023, "OSTTA").
 
 No official code was found; this follows the paper's rule as re-implemented in UniEnt
-(gaozhengqing/UniEnt ``imagenet/ostta.py``, ``criterion="ent"``), METHODS.md §6.
+(gaozhengqing/UniEnt ``imagenet/ostta.py``, ``criterion="ent"``).
 """
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from typing import Any
 
 import torch
 
-from . import register
 from .base import BatchContext, Policy
+from .registry import register
 
 
 @register("crowds")
@@ -27,9 +27,10 @@ class Crowds(Policy):
     come from ``ctx.source_logits()`` (whole batch, no grad, computed once per batch).
     """
 
+    level = "samples"
     needs = ("source",)
 
-    def __init__(self, margin: float = 0.0, num_classes: int | None = None):
+    def __init__(self, margin: float = 0.0):
         super().__init__()
         self.margin = float(margin)
 

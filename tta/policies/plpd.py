@@ -20,14 +20,14 @@ the network's resolution, here at the stream's. With 224-px streams (ImageNet-C)
 """
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from . import register
 from .base import BatchContext, Policy
+from .entropy_margin import entropy_threshold
+from .registry import register
 
 AUG_TYPES = ("patch", "pixel", "occ")
 #: the official occlusion is given for 224-px images: a 112-px window with its corner at (56, 56)
@@ -135,14 +135,16 @@ class PLPD(Policy):
     ``exp(E0)``. ``policy_kwargs={"plpd": {"reweight": True}}`` keeps DeYO's weights.
     """
 
+    level = "samples"
+    #: re-forwards the destroyed images through the adapted model (``ctx.model``)
+    needs = ("model",)
     #: constructor defaults when the policy is added by name as an extra policy of a method
     extra_defaults = {"reweight": False}
 
     def __init__(self, threshold: float = 0.2, aug_type: str = "patch", patch_len: int = 4,
                  occlusion_size: int = 112, row_start: int = 56, column_start: int = 56,
                  reweight: bool = True, reweight_ent: bool = True, reweight_plpd: bool = True,
-                 e0_fraction: float = 0.4, e0: float | None = None, seed: int | None = None,
-                 num_classes: int | None = None):
+                 e0_fraction: float = 0.4, e0: float | None = None, seed: int | None = None):
         super().__init__()
         if aug_type not in AUG_TYPES:
             raise ValueError(f"aug_type must be one of {AUG_TYPES}, not {aug_type!r}")
@@ -209,7 +211,7 @@ class PLPD(Policy):
         keep = alive & (plpd > self.threshold)
         if not self.reweight or not (self.reweight_ent or self.reweight_plpd):
             return keep.to(torch.float32)
-        e0 = self.e0 if self.e0 is not None else self.e0_fraction * math.log(ctx.num_classes)
+        e0 = entropy_threshold(self.e0_fraction, self.e0, ctx.num_classes)
         entropy = ctx.entropy.detach().float()
         weight = (float(self.reweight_ent) * (1.0 / torch.exp(entropy - e0))
                   + float(self.reweight_plpd) * (1.0 / torch.exp(-1.0 * plpd)))

@@ -6,8 +6,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from . import register
 from .base import BatchContext, Policy
+from .registry import register
 
 
 @register("redundancy")
@@ -16,7 +16,7 @@ class Redundancy(Policy):
 
     ``|cos(m, p_i)| < d_margin`` (strict; 0.05), tested only once ``m`` exists; before that every
     alive sample passes. ``m`` then moves with the probabilities of the samples this policy kept
-    (EATA's ``update_model_probs``, METHODS.md §3):
+    (EATA's ``update_model_probs``):
 
     * ``m`` missing and the kept set non-empty: ``m <- mean(p)``;
     * ``m`` present and the kept set non-empty: ``m <- 0.9 m + 0.1 mean(p)``;
@@ -29,7 +29,13 @@ class Redundancy(Policy):
     Composition: ``p`` are the detached probabilities of the adapted model's logits. The samples it
     sees are those alive after the policies before it (EATA: the entropy filter); policies after
     it do not affect ``m``.
+
+    ``num_classes`` sizes ``m`` up front (so a saved state loads into a fresh policy); without it
+    ``m`` is sized from the first batch's logits.
     """
+
+    level = "samples"
+    needs = ()
 
     def __init__(self, d_margin: float = 0.05, momentum: float = 0.9, num_classes: int | None = None):
         super().__init__()

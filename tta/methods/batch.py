@@ -1,0 +1,100 @@
+"""The batch family: methods that learn from the samples of each test batch (Tent, ETA, EATA, SAR,
+DeYO, wisdom of crowds, EATA-C; the ``source`` and ``norm`` baselines).
+
+``method(x)`` checks the batch, predicts and adapts on it (online), and returns the logits of the
+forward pass *before* that batch's update, as the original Tent/EATA/SAR/DeYO code does. The default
+step is Tent's shape: one forward, the policies' weights, the weighted mean entropy of the kept
+samples, one guarded optimizer step. A recipe overrides :meth:`BatchMethod.objective` (EATA's
+Fisher term, the diversity term of wisdom of crowds) or :meth:`BatchMethod.adapt` (SAR's two
+forwards, EATA-C's sub-network).
+
+Policies of this family rank the samples of a batch; their context can give them the frozen
+source model's logits (``needs = ("source",)``, e.g. ``crowds``: a frozen copy of the configured
+model is then kept, outside the state dict) and re-forward a transformed batch through the adapted
+model (``"model"``, e.g. ``plpd``).
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any, ClassVar, Sequence
+
+import torch
+from torch import nn
+
+from ..models.params import has_batchnorm
+from ..objectives import weighted_mean
+from ..policies import BatchContext
+from .core import Method
+
+
+class BatchMethod(Method):
+    """Base of the batch family (see the module docstring); arguments as :class:`Method`."""
+
+    policy_level: ClassVar[str] = "samples"
+    provides: ClassVar[frozenset[str]] = frozenset({"source", "model"})
+
+    # ------------------------------------------------------------------ the frozen source copy
+    def on_policies_assembled(self) -> None:
+        self._frozen: list[nn.Module] = []  # a list: not a submodule (not in state_dict or parameters())
+        if any("source" in p.needs for p in self.policies):
+            self._frozen = [copy.deepcopy(self.model).requires_grad_(False)]
+
+    @property
+    def frozen_source(self) -> nn.Module | None:
+        """The frozen copy of the configured source model, when a policy needs one (else ``None``)."""
+        frozen = self.__dict__.get("_frozen")
+        return frozen[0] if frozen else None
+
+    def _apply(self, fn, *args, **kwargs):
+        """``.to()``/``.cuda()``/``.double()`` also move the frozen source copy."""
+        out = super()._apply(fn, *args, **kwargs)
+        for frozen in self.__dict__.get("_frozen", ()):
+            frozen._apply(fn, *args, **kwargs)
+        return out
+
+    def networks(self) -> list[nn.Module]:
+        return [self.model] + ([self.frozen_source] if self.frozen_source is not None else [])
+
+    # ------------------------------------------------------------------ the online step
+    def forward(self, x: torch.Tensor, ids: torch.Tensor | Sequence[int] | None = None,
+                domain: str | None = None) -> torch.Tensor:
+        """Predict on ``x`` (N, C, H, W) in [0, 1], then adapt on it; ``ids``/``domain`` are not used."""
+        self.check_input(x)
+        if x.shape[0] == 1 and self.batch_stats and has_batchnorm(self.model.net):
+            self.warn_once("bs1", "batch size 1 with BatchNorm: test-batch statistics come from a single image and "
+                                  "are degenerate (it still runs)")
+        if self.episodic:
+            self.reset()
+        self.count_batch(x)
+        logits = None
+        for _ in range(self.steps):
+            logits = self.adapt(x)
+        return logits
+
+    def context(self, x: torch.Tensor, logits: torch.Tensor) -> BatchContext:
+        frozen = self.frozen_source
+        return BatchContext(x, logits, self.model, (lambda: frozen) if frozen is not None else None)
+
+    def objective(self, ctx: BatchContext, weights: torch.Tensor) -> torch.Tensor:
+        """Loss to minimise: the weighted mean entropy over the kept samples."""
+        return weighted_mean(ctx.entropy, weights)
+
+    def adapt(self, x: torch.Tensor) -> torch.Tensor:
+        """One step: forward, select, objective, guarded update. Returns pre-update logits."""
+        if not self.learns:
+            with torch.no_grad():
+                logits = self.model(x)
+            self.counters.add("forwards", 1)
+            return logits
+        logits = self.model(x)
+        self.counters.add("forwards", 1)
+        ctx = self.context(x, logits)
+        weights = self.select(ctx)
+        self.step(self.objective(ctx, weights), weights)
+        return logits.detach()
+
+    def hparams(self) -> dict[str, Any]:
+        return {**super().hparams(), "frozen_source": self.frozen_source is not None}
+
+
+__all__ = ["BatchMethod"]

@@ -1,0 +1,153 @@
+"""The per-image view family: methods that work on the views of one test image at a time (TPT,
+DiffTPT, ADTE), on a CLIP model.
+
+The family owns what these methods share:
+
+* the views: a :class:`~tta.augment.views.ViewGenerator` (the original + random resized crops with
+  flips, AugMix optionally), seeded per (``seed``, sample id, view index) so a run is reproducible
+  whatever the batch size; the engine hands the stream's sample ids to every method;
+* diffusion views as an input (:mod:`tta.methods.inputs`): given ``diffusion_views=`` at
+  construction they are added to the crops (``diffusion_mode="add"``, DiffTPT's layout) or replace
+  them (``"replace"``);
+* the per-image (episodic) reset of the tuned parameters and the optimizer state;
+* view-level policies: a policy of this family ranks the views of one image. An extra view ranking
+  (``extra_policies=["tsallis"]``) replaces the method's own ranking stage.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, ClassVar, Mapping, Sequence
+
+import torch
+
+from ..augment.diffusion import DiffusionViews
+from ..augment.mixed_views import MODES as DIFFUSION_MODES
+from ..augment.mixed_views import DiffusionViewGenerator
+from ..augment.views import ViewGenerator
+from ..models.clip import ClipClassifier
+from ..policies import BatchContext, CandidateConfidence, Policy, ViewSelection
+from .core import Method
+from .inputs import DIFFUSION_KEYWORDS, RunInput
+
+
+class ViewMethod(Method):
+    """Base of the view family (see the module docstring).
+
+    Args:
+        num_views: views per image, the original included (crops + original).
+        augmix: AugMix on the crops (TPT's fine-grained setting).
+        seed: base seed of the views.
+        diffusion_views: a :class:`~tta.augment.diffusion.DiffusionViews` source (optional).
+        image_names: sample ids -> view-cache image names for the diffusion views (default ``#<id>``).
+        diffusion_mode: ``add`` the diffusion views to the crops, or ``replace`` the crops.
+        Other arguments as :class:`~tta.methods.core.Method`.
+    """
+
+    policy_level: ClassVar[str] = "views"
+    provides: ClassVar[frozenset[str]] = frozenset({"embeddings"})
+    batch_stats: ClassVar[bool] = False
+    input_keywords: ClassVar[tuple[str, ...]] = DIFFUSION_KEYWORDS
+    #: diffusion views used per image (``None``: all the source makes)
+    num_diffusion: int | None = None
+
+    def __init__(self, model, *, num_views: int = 64, augmix: bool = False, seed: int = 0,
+                 diffusion_views: DiffusionViews | None = None,
+                 image_names: Callable[[Sequence[int]], list[str]] | None = None, diffusion_mode: str = "add",
+                 **kwargs: Any):
+        super().__init__(model, **kwargs)
+        if not isinstance(self.model, ClipClassifier):
+            raise ValueError(f"{self.name} needs a CLIP model: pass model=clip:<arch>/<weights> (tta.models.clip)")
+        if diffusion_mode not in DIFFUSION_MODES:
+            raise ValueError(f"diffusion_mode must be one of {DIFFUSION_MODES}, not {diffusion_mode!r}")
+        self.model.eval()  # CLIP is evaluated in eval mode (the ResNet CLIPs' BatchNorms keep their statistics)
+        self.base_views = ViewGenerator(int(num_views), self.model.input_size[0], augmix=augmix, seed=seed)
+        self.views: ViewGenerator | DiffusionViewGenerator = self.base_views
+        self._diffusion = (diffusion_views, image_names, diffusion_mode)
+        self.images_seen = 0
+        self.counters.add("views", 0)
+
+    @classmethod
+    def run_inputs(cls, hparams: Mapping[str, Any]) -> list[RunInput]:
+        return [RunInput("diffusion_views", keyword="diffusion_views", required=False)]
+
+    def on_policies_assembled(self) -> None:
+        diffusion, names, mode = self.__dict__.pop("_diffusion", (None, None, "add"))
+        if diffusion is not None:  # after the recipe's constructor: it may fix num_diffusion
+            self.use_diffusion_views(diffusion, names=names, mode=mode)
+
+    # ------------------------------------------------------------------ views
+    @property
+    def num_views(self) -> int:
+        """Views per image, the original included (crops, and diffusion views when given)."""
+        return self.views.num_views
+
+    def use_diffusion_views(self, diffusion: DiffusionViews, *, names: Callable[[Sequence[int]], list[str]] | None = None,
+                            mode: str = "add") -> None:
+        """Make the views from the crops and ``diffusion`` (``names``: sample ids -> cache image names)."""
+        self.views = DiffusionViewGenerator(self.base_views, diffusion, mode=mode, num_diffusion=self.num_diffusion,
+                                            names=names)
+        self.num_diffusion = self.views.num_diffusion
+        self.counters.add("diffusion_views", 0)
+
+    @property
+    def has_diffusion_views(self) -> bool:
+        return isinstance(self.views, DiffusionViewGenerator)
+
+    def begin_image_batch(self, x: torch.Tensor, ids: torch.Tensor | Sequence[int] | None) -> list[int]:
+        """Check and count the batch; the sample ids that seed each image's views (the stream's, or
+        running numbers)."""
+        self.check_input(x)
+        n = x.shape[0]
+        if ids is None:
+            ids = list(range(self.images_seen, self.images_seen + n))
+        self.images_seen += n
+        self.count_batch(x)
+        if self.has_diffusion_views:
+            self.counters.add("diffusion_views", n * self.views.num_diffusion)
+        return ids.tolist() if torch.is_tensor(ids) else [int(i) for i in ids]
+
+    # ------------------------------------------------------------------ policies over views
+    @staticmethod
+    def is_ranking(policy: Policy) -> bool:
+        """A view ranking stage (TPT's confidence, ADTE's Tsallis score, DiffTPT's entropy stage)."""
+        return isinstance(policy, (ViewSelection, CandidateConfidence))
+
+    def combine_policies(self, own: list[Policy], extra: list[Policy]) -> list[Policy]:
+        """An extra view ranking replaces the method's own ranking stage; other policies add up."""
+        if any(self.is_ranking(p) for p in extra):
+            own = [p for p in own if not self.is_ranking(p)]
+        return own + extra
+
+    def context(self, views: torch.Tensor, logits: torch.Tensor, **extras: Any) -> BatchContext:
+        return BatchContext(views, logits, self.model, **extras)
+
+    # ------------------------------------------------------------------ per-image state
+    def _capture_state(self) -> dict[str, Any]:
+        return {"params": [p.detach().clone() for p in self.adapted_parameters()]}
+
+    @torch.no_grad()
+    def reset_episode(self) -> None:
+        """Back to the initial tuned parameters and a fresh optimizer state (the per-image reset)."""
+        for p, p0 in zip(self.adapted_parameters(), self._initial_state["params"]):
+            p.copy_(p0)
+        if self.optimizer is not None:
+            for state in self.optimizer.state.values():
+                for value in state.values():
+                    if torch.is_tensor(value):
+                        value.zero_()
+
+    def reset(self) -> None:
+        """Source state for a new domain: tuned parameters, optimizer state, policies, own state."""
+        self.reset_episode()
+        for policy in self.policies:
+            policy.reset()
+        self.reset_state()
+
+    def input_records(self) -> dict[str, Any]:
+        """The diffusion views: generation parameters, cache folder, hits and generated counts."""
+        return {"diffusion_views": self.views.stats()} if self.has_diffusion_views else {}
+
+    def hparams(self) -> dict[str, Any]:
+        return {**super().hparams(), "num_views": self.num_views, "views": self.views.hparams()}
+
+
+__all__ = ["ViewMethod"]
