@@ -193,9 +193,11 @@ def test_bad_inputs():
     for severity in (0, 6, 2.0, True):
         with pytest.raises(ValueError, match="severity"):
             corrupt(x, "fog", severity)
-    for bad in (x[0], x[:, :1], x.permute(0, 2, 3, 1), x.numpy()):
+    for bad in (x[0], x.permute(0, 2, 3, 1), x.numpy()):
         with pytest.raises(ValueError, match="shape"):
             corrupt(bad, "fog", 1)
+    with pytest.raises(ValueError, match="needs RGB"):  # greyscale: every corruption but the RGB-only ones
+        corrupt(x[:, :1], "frost", 1)
     with pytest.raises(ValueError, match="floating"):
         corrupt((x * 255).to(torch.uint8), "fog", 1)
     for bad in (x * 255, x - 0.5, torch.full_like(x, float("nan"))):

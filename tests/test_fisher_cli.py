@@ -142,15 +142,6 @@ def test_no_clean_images_names_the_keys_and_the_hint():
         clean_data_for(folder, num_samples=8, seed=0)
 
 
-def test_run_method_fisher_data():  # goes away with tta.run.method_fisher_data (the method declares its inputs)
-    from tta.run import method_fisher_data
-
-    config = _imagenet_config("imagenet_c", root="/nowhere")
-    assert method_fisher_data({"fisher_alpha": 0}, config, 0) is None  # ETA in disguise needs no clean images
-    with pytest.raises(FileNotFoundError, match="fisher_path=/tmp/x.pt does not exist yet"):
-        method_fisher_data({"fisher_path": "/tmp/x.pt"}, config, 0)
-
-
 @pytest.mark.filterwarnings("ignore:classifier head")
 def test_eata_fisher_path_round_trip_in_python(tmp_path):
     from tta import methods

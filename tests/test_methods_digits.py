@@ -34,20 +34,21 @@ def stream():
     return list(built), options  # corrupt once, reuse for every method
 
 
-@pytest.fixture(scope="module")
-def source_accuracy(stream):
+def baseline_accuracy(name: str, stream) -> float:
     batches, options = stream
-    method = methods.build("source", load_classifier("digits_cnn"), batch_size=64)
+    method = methods.build(name, load_classifier("digits_cnn"), batch_size=64)
     out = engine.run(method, batches, progress=False, device="cpu", **options)
     return out["results"]["mean"]["accuracy"]
+
+
+@pytest.fixture(scope="module")
+def source_accuracy(stream):
+    return baseline_accuracy("source", stream)
 
 
 @pytest.fixture(scope="module")
 def norm_accuracy(stream):
-    batches, options = stream
-    method = methods.build("norm", load_classifier("digits_cnn"), batch_size=64)
-    out = engine.run(method, batches, progress=False, device="cpu", **options)
-    return out["results"]["mean"]["accuracy"]
+    return baseline_accuracy("norm", stream)
 
 
 @pytest.mark.parametrize("name", ["tent", "eta", "eata", "sar", "deyo", "crowds", "eata_c"])

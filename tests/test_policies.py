@@ -405,3 +405,18 @@ def test_confidence_keeps_max_probability_at_or_above_the_threshold():
     assert policies.build("confidence").threshold == 0.95  # FixMatch's
     with pytest.raises(ValueError, match="threshold"):
         policies.build("confidence", threshold=1.5)
+
+
+# ---------------------------------------------------------------- shared formulas (tta.objectives)
+def test_the_two_keep_counts_and_the_entropy_forms():
+    from tta.objectives import floor_fraction, shannon_entropy, shannon_entropy_of_probs, views_kept
+
+    # TPT/ADTE: at least one view; DiffTPT: Python's int(n * ratio) on the device (int(127 * 0.8) = 101)
+    assert [views_kept(v, 0.1) for v in (5, 10, 64)] == [1, 1, 6]
+    assert floor_fraction(torch.tensor(127), 0.8).item() == int(127 * 0.8) == 101
+    assert floor_fraction(torch.tensor(2), 0.3).item() == 0
+    logits = fixed_logits()
+    torch.testing.assert_close(shannon_entropy(logits), entropy_of(logits))
+    torch.testing.assert_close(shannon_entropy(logits.T, dim=0), entropy_of(logits))
+    p = logits.softmax(1)
+    assert torch.equal(shannon_entropy_of_probs(p), -(p * torch.log(p + 1e-8)).sum(-1))  # ADTE's smoothed form

@@ -15,7 +15,7 @@ from typing import Any, Sequence
 
 from torch import nn
 
-from . import methods, policies
+from . import methods, policies, protocols
 from .methods import Method
 from .models.classifier import Classifier, load_classifier
 
@@ -23,7 +23,8 @@ __version__ = "0.1.0"
 
 
 def adapt(model: nn.Module | str, method: str = "tent", *, extra_policies: Sequence[str] = (), inplace: bool = False,
-          mean: Sequence[float] | None = None, std: Sequence[float] | None = None, **overrides: Any) -> Method:
+          mean: Sequence[float] | None = None, std: Sequence[float] | None = None, protocol: str | None = None,
+          **overrides: Any) -> Method:
     """Wrap ``model`` so that it adapts online while it predicts.
 
     Args:
@@ -34,6 +35,10 @@ def adapt(model: nn.Module | str, method: str = "tent", *, extra_policies: Seque
         inplace: adapt ``model`` itself; by default a deep copy adapts and ``model`` stays untouched.
         mean, std: the normalisation ``model`` expects (default ImageNet); the returned module takes
             images in [0, 1].
+        protocol: a benchmark protocol (``"cifar"``, ``"imagenet"``; :mod:`tta.protocols`): the reference
+            code's values for that benchmark, under ``overrides``. ``None``: the method's defaults (the
+            ImageNet values); a threshold tuned for 1,000 classes (EATA's ``d_margin``) left at its default
+            on a model with fewer than 100 classes then warns once.
         overrides: hyperparameters of the method (``lr=``, ``steps=``, ...).
 
     Returns:
@@ -45,6 +50,10 @@ def adapt(model: nn.Module | str, method: str = "tent", *, extra_policies: Seque
         model = copy.deepcopy(model)
     if isinstance(model, nn.Module) and not isinstance(model, Classifier):
         model = load_classifier(model, mean=mean, std=std)
+    if isinstance(model, str) and overrides.get("num_classes") is None:
+        model = load_classifier(model)  # what the method would do: its class count decides class-dependent values
+    num_classes = overrides.get("num_classes") or model.num_classes
+    overrides = protocols.for_adapt(method, protocol, num_classes, overrides)
     return methods.build(method, model, extra_policies=list(extra_policies), **overrides)
 
 

@@ -5,7 +5,9 @@
 Per batch the engine calls every method the same way, ``method(x, ids=..., domain=...)`` (which
 returns the logits of that batch's prediction and adapts; sample ids and the domain name are there
 for the methods that use them), optionally runs the frozen source model on the same batch for ``source_accuracy``, and
-accumulates accuracy, NLL and ECE on the device. The host reads them at the end of each domain and
+accumulates accuracy, NLL and ECE on the device, and for methods that learn from the samples of a batch
+the selection diagnostics of each policy stage (:class:`~tta.metrics.SelectionMetrics`: kept, and how
+many of the kept were predicted right; the returned ``selection``). The host reads them at the end of each domain and
 every ``log_every`` batches for the progress bar.
 """
 from __future__ import annotations
@@ -18,7 +20,7 @@ import torch
 from torch import nn
 
 from .data.stream import Batch, OrderHash
-from .metrics import DomainMetrics, mean_over_domains
+from .metrics import DomainMetrics, SelectionMetrics, mean_over_domains, selection_summary
 from .methods import Method
 
 
@@ -81,6 +83,9 @@ def run(
         if channels_last:
             source_model.to(memory_format=torch.channels_last)
     metrics: dict[str, DomainMetrics] = {}
+    # selection diagnostics: methods that learn from the samples of a batch (not the per-image view family)
+    track_selection = bool(getattr(method, "learns", False)) and getattr(method, "policy_level", "") == "samples"
+    selection: dict[str, SelectionMetrics] = {}
     order = OrderHash()
     total = len(stream) if hasattr(stream, "__len__") else None
     bar = None
@@ -112,6 +117,9 @@ def run(
                 with torch.no_grad():
                     source_logits = source_model(x)
         metrics[current].update(logits, labels, source_logits)
+        if track_selection:  # the method's stage masks of this batch, on the device
+            stages = method.__dict__.pop("last_selection", None) or {}
+            selection.setdefault(current, SelectionMetrics(device)).update(stages, logits, labels)
         if bar is not None:
             bar.update(1)
             if (i + 1) % log_every == 0:
@@ -130,4 +138,5 @@ def run(
         "order_hash": order.hexdigest(),
         "wall_time_s": wall,
         "peak_memory_mb": peak_memory_mb(device),
+        "selection": selection_summary(selection) if track_selection else None,
     }

@@ -1,4 +1,5 @@
-"""Streaming classification metrics kept on the device: accuracy, NLL, ECE (15 bins), open-set AUROC.
+"""Streaming classification metrics kept on the device: accuracy, NLL, ECE (15 bins), open-set AUROC,
+and selection diagnostics (what each sample-selection stage kept, and how much of it was predicted right).
 
 Samples with label -1 (out-of-distribution samples in open-set streams) are excluded from the
 closed-set metrics. When a domain holds both kinds, ``auroc`` is the AUROC of the max-softmax
@@ -6,6 +7,9 @@ probability for telling in-distribution (positive) from out-of-distribution samp
 ``source_auroc`` the same for the frozen source model; ``ood_n`` counts the OOD samples.
 """
 from __future__ import annotations
+
+import warnings
+from typing import Any, Mapping
 
 import numpy as np
 import torch
@@ -92,3 +96,133 @@ def mean_over_domains(domains: dict[str, dict[str, float]]) -> dict[str, float]:
         return {}
     keys = set.intersection(*(set(d) for d in domains.values())) - {"n", "ood_n"}
     return {k: sum(d[k] for d in domains.values()) / len(domains) for k in sorted(keys)}
+
+
+# ----------------------------------------------------------------------------- selection diagnostics
+SELECTION_FIELDS = ("seen", "kept", "kept_correct", "dropped_correct", "kept_ood")
+LOW_KEEP = 0.01
+"""A stage that keeps less than this fraction of a domain's samples is warned about."""
+
+
+class SelectionMetrics:
+    """One domain's selection diagnostics, accumulated on the device (no host sync per batch).
+
+    Per batch the engine hands over the method's stage masks (``method.last_selection``: for each
+    policy stage, in order, which samples were still kept after it), the logits of the prediction
+    and the labels. For every stage it counts the samples the stage **saw** (kept by the stages
+    before it), **kept**, **kept and predicted right** (``argmax`` of the logits equals the label:
+    the precision of the pseudo-labels the method learns from) and **predicted right among the
+    dropped**; ``kept_ood`` counts kept samples with label -1 (open-set streams). A final row,
+    ``learned``, is the last stage's kept samples against every sample of the batch (every
+    sample when the method has no stage, e.g. Tent).
+    """
+
+    def __init__(self, device: torch.device | str):
+        self.device = torch.device(device)
+        self.counts: dict[tuple[str, ...], torch.Tensor] = {}  # stage keys -> (stages + 1, fields) counts
+        self.n = torch.zeros((), dtype=torch.long, device=self.device)
+
+    def update(self, stages: Mapping[str, torch.Tensor], logits: torch.Tensor, labels: torch.Tensor) -> bool:
+        """Add one batch; returns ``False`` (and adds nothing) when a mask is not one flag per sample
+        (e.g. a method whose policies rank the views of one image)."""
+        n = labels.shape[0]
+        masks = [m for m in stages.values()]
+        if any(m.shape != (n,) for m in masks):
+            return False
+        keys = tuple(stages)
+        valid = labels >= 0
+        correct = (logits.detach().argmax(dim=1) == labels) & valid
+        every = torch.ones(1, n, dtype=torch.bool, device=labels.device)
+        kept = torch.stack([m.to(labels.device, torch.bool) for m in masks]) if masks else every
+        alive = torch.cat([every, kept[:-1]]) if masks else every  # what each stage saw
+        alive = torch.cat([alive[:len(masks)], every])            # + the "learned" row: every sample ...
+        kept = torch.cat([kept[:len(masks)], kept[-1:]])           # ... against the last stage's kept
+        dropped = alive & ~kept
+        row = torch.stack([alive.sum(1), kept.sum(1), (kept & correct).sum(1), (dropped & correct).sum(1),
+                           (kept & ~valid).sum(1)], dim=1).to(self.device)
+        if keys in self.counts:
+            self.counts[keys] += row
+        else:
+            self.counts[keys] = row
+        self.n += n
+        return True
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"n": self.n, "counts": {"\x1f".join(k): v for k, v in self.counts.items()}}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.n = state["n"].to(self.device)
+        self.counts = {tuple(k.split("\x1f")) if k else (): v.to(self.device) for k, v in state["counts"].items()}
+
+    def result(self) -> dict[str, Any]:
+        """Counts per stage key and for ``learned`` (one host sync), with the rates of :func:`selection_rates`."""
+        stages: dict[str, dict[str, int]] = {}
+        learned = dict.fromkeys(SELECTION_FIELDS, 0)
+        for keys, counts in self.counts.items():
+            table = counts.cpu().tolist()
+            for key, values in zip(keys, table[:-1]):
+                entry = stages.setdefault(key, dict.fromkeys(SELECTION_FIELDS, 0))
+                for field, value in zip(SELECTION_FIELDS, values):
+                    entry[field] += int(value)
+            for field, value in zip(SELECTION_FIELDS, table[-1]):
+                learned[field] += int(value)
+        n = int(self.n)
+        return {"n": n, "stages": {k: selection_rates(v, n) for k, v in stages.items()},
+                "learned": selection_rates(learned, n)}
+
+
+def selection_rates(counts: Mapping[str, int], n: int) -> dict[str, Any]:
+    """Counts plus ``kept_frac`` (kept / the domain's samples), ``pass_rate`` (kept / seen),
+    ``precision`` (kept and right / kept) and ``dropped_accuracy`` (right / dropped); ``None`` where
+    the denominator is 0. ``kept_ood`` only when some OOD sample was kept."""
+    seen, kept = counts["seen"], counts["kept"]
+    out: dict[str, Any] = {"n": n, **{k: counts[k] for k in SELECTION_FIELDS if k != "kept_ood"}}
+    if counts.get("kept_ood"):
+        out["kept_ood"] = counts["kept_ood"]
+    out["kept_frac"] = kept / n if n else None
+    out["pass_rate"] = kept / seen if seen else None
+    out["precision"] = counts["kept_correct"] / kept if kept else None
+    out["dropped_accuracy"] = counts["dropped_correct"] / (seen - kept) if seen > kept else None
+    return out
+
+
+def selection_summary(domains: Mapping[str, SelectionMetrics], low_keep: float = LOW_KEEP,
+                      warn: bool = True) -> dict[str, Any] | None:
+    """The run record's ``selection``: per stage key and for ``learned``, per domain and ``mean``.
+
+    ``mean`` pools the domains (counts summed, rates from the sums), i.e. the rates over every sample
+    of the run. A stage that kept less than ``low_keep`` of a domain's samples gives one warning
+    (listing those domains), emitted with :func:`warnings.warn` when ``warn`` and kept in ``warnings``.
+    """
+    results = {name: m.result() for name, m in domains.items()}
+    results = {name: r for name, r in results.items() if r["n"]}
+    if not results:
+        return None
+    keys: list[str] = []
+    for r in results.values():
+        keys.extend(k for k in r["stages"] if k not in keys)
+
+    def block(get) -> dict[str, Any]:
+        per = {name: get(r) for name, r in results.items() if get(r) is not None}
+        total = dict.fromkeys(SELECTION_FIELDS, 0)
+        for entry in per.values():
+            for field in SELECTION_FIELDS:
+                total[field] += entry.get(field, 0)
+        n = sum(entry["n"] for entry in per.values())
+        return {"domains": per, "mean": selection_rates(total, n)}
+
+    policies = {key: block(lambda r, key=key: r["stages"].get(key)) for key in keys}
+    messages = []
+    for key, entry in policies.items():
+        low = {d: e["kept_frac"] for d, e in entry["domains"].items() if e["kept_frac"] is not None
+               and e["kept_frac"] < low_keep}
+        if low:
+            worst = min(low, key=low.get)
+            messages.append(f"selection stage {key!r} kept under {100 * low_keep:g}% of the samples in {len(low)} of "
+                            f"{len(entry['domains'])} domain(s) (lowest: {worst}, {100 * low[worst]:.2f}%): the method "
+                            f"hardly learns there; check the protocol's thresholds for this model's class count")
+    if warn:
+        for message in messages:
+            warnings.warn(message, stacklevel=2)
+    return {"learned_from": keys[-1] if keys else None, "stages": keys, "policies": policies,
+            "learned": block(lambda r: r["learned"]), "warnings": messages}

@@ -18,14 +18,24 @@ def _pct(value: float | None) -> str:
     return "–" if value is None else f"{100 * value:.1f}"
 
 
-def domain_table(results: dict[str, Any]) -> str:
-    """Markdown table of one run: domain x {source, adapted} accuracy (%), mean last."""
-    rows = ["| domain | source | adapted | Δ |", "|---|---:|---:|---:|"]
+def domain_table(results: dict[str, Any], selection: dict[str, Any] | None = None) -> str:
+    """Markdown table of one run: domain x {source, adapted} accuracy (%), mean last.
+
+    With the run's ``selection`` (run.json), two more columns: the percentage of samples the method
+    learned from (``kept %``) and the accuracy of their predictions (``precision``: how often the
+    pseudo-label it learns from is right)."""
+    learned = (selection or {}).get("learned") or {}
+    columns = "| domain | source | adapted | Δ |" + (" kept % | precision |" if learned else "")
+    rows = [columns, "|---|---:|---:|---:|" + ("---:|---:|" if learned else "")]
     items = list(results["domains"].items()) + [("**mean**", results["mean"])]
     for name, r in items:
         src, acc = r.get("source_accuracy"), r.get("accuracy")
         delta = f"{100 * (acc - src):+.1f}" if src is not None and acc is not None else "–"
-        rows.append(f"| {name} | {_pct(src)} | {_pct(acc)} | {delta} |")
+        row = f"| {name} | {_pct(src)} | {_pct(acc)} | {delta} |"
+        if learned:
+            sel = learned["mean"] if name == "**mean**" else learned.get("domains", {}).get(name, {})
+            row += f" {_pct(sel.get('kept_frac'))} | {_pct(sel.get('precision'))} |"
+        rows.append(row)
     return "\n".join(rows)
 
 

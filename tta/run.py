@@ -101,8 +101,13 @@ def build_classifier(cfg: dict[str, Any], data: dict[str, Any], num_classes: int
                            templates=data.get("templates") or "single")
 
 
-def execute(cfg: dict[str, Any], out_dir: Path) -> dict[str, Any]:
-    """Run one configuration (a plain dict) and write its outputs; returns the run record."""
+def execute(cfg: dict[str, Any], out_dir: Path, overrides: list[str] | None = None) -> dict[str, Any]:
+    """Run one configuration (a plain dict) and write its outputs; returns the run record.
+
+    ``overrides``: Hydra's task overrides, which tell the method keys the command line set (the
+    benchmark protocol fills the others, :func:`tta.protocols.for_run`); ``None``: a method value
+    that differs from the method default counts as set."""
+    from . import protocols
     from . import engine
     from .data.benchmarks import build_stream, num_classes_of
     from .provide import RunParts, provide_inputs
@@ -115,6 +120,8 @@ def execute(cfg: dict[str, Any], out_dir: Path) -> dict[str, Any]:
     method_cfg = dict(cfg["method"])
     method_name = method_cfg.pop("name")
     num_classes = num_classes_of(data)
+    method_cfg, data, protocol_record = protocols.for_run(cfg, data, method_name, method_cfg,
+                                                          method_defaults(method_name), num_classes, overrides)
     classifier = build_classifier(cfg, data, num_classes)
     source = copy.deepcopy(classifier) if cfg.get("source_accuracy", True) else None
     def make_stream(shuffle: bool):
@@ -139,9 +146,11 @@ def execute(cfg: dict[str, Any], out_dir: Path) -> dict[str, Any]:
                           stream_info=stream.describe(), outcome=outcome, device=device)
     out_dir.mkdir(parents=True, exist_ok=True)
     record["inputs"] = {**parts.record, **method.input_records()}  # what the method was handed beyond the batches
+    record["protocol"] = protocol_record  # the benchmark protocol and where each hyperparameter came from
+    record["selection"] = outcome.get("selection")  # what each selection stage kept, and its precision
     write_json(out_dir / "run.json", record)
     title = f"{method_name} on {data['name']} ({classifier.info.spec})"
-    table = domain_table(outcome["results"])
+    table = domain_table(outcome["results"], outcome.get("selection"))
     (out_dir / "results.md").write_text(f"# {title}\n\naccuracy (%)\n\n{table}\n")
     bar_chart(outcome["results"], out_dir / "results.png", title)
     print(f"\n{title}: accuracy (%)\n{table}\n\nrun folder: {out_dir} ({outcome['wall_time_s']:.1f} s)")
@@ -160,7 +169,7 @@ def main() -> None:
         started = time.time()
         plain = OmegaConf.to_container(cfg, resolve=True)
         out_dir = Path(HydraConfig.get().runtime.output_dir)
-        execute(plain, out_dir)
+        execute(plain, out_dir, overrides=list(HydraConfig.get().overrides.task))
         log.info("finished in %.1f s", time.time() - started)
 
     _main()

@@ -762,6 +762,9 @@ def _check_inputs(images: Tensor, name: str, severity: int, ids: Optional[Tensor
     if not isinstance(images, Tensor) or images.ndim != 4 or images.shape[1] < 1:
         shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
         raise ValueError(f"images must be a float tensor of shape (N, C, H, W), got {shape}")
+    if images.shape[-1] in (1, 3) and images.shape[1] not in (1, 3):
+        raise ValueError(f"images must be (N, C, H, W); got shape {tuple(images.shape)}, which looks like "
+                         f"channels-last (N, H, W, C): permute(0, 3, 1, 2) first")
     if not supports_channels(name, images.shape[1]):
         needed = "1 or 3 channels" if name == "jpeg_compression" else "RGB (3 channels)"
         raise ValueError(f"corruption {name!r} needs {needed}, got {images.shape[1]} channels. The corruptions "

@@ -56,7 +56,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import torch
 
 from ..objectives import views_kept
-from ..policies import LabelBias, Policy, TsallisRanking, load_bias_file, minmax_q_index
+from ..policies import DEFAULT_DOMAIN, LabelBias, Policy, TsallisRanking, load_bias_file, minmax_q_index
 from .inputs import RunInput
 from .registry import register
 from .views import ViewMethod
@@ -65,7 +65,7 @@ log = logging.getLogger(__name__)
 BIAS_MODES = ("prepass", "online", "uniform")
 SCORES = ("adte", "tsallis", "shannon")
 PREPASS_SALT = 1  # view seeds of the pre-pass differ from those of the evaluation pass (salt 0)
-DEFAULT_DOMAIN = "default"
+
 
 
 def _batches(data: Any) -> Iterable[tuple[torch.Tensor, torch.Tensor | None, str]]:

@@ -20,10 +20,13 @@ and :meth:`load_state_dict` never unpickles anything.
 """
 from __future__ import annotations
 
+import collections
 import copy
 import functools
+import math
+import threading
 import warnings
-from typing import Any, ClassVar, Iterable, Mapping, Sequence
+from typing import Any, Callable, ClassVar, Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -34,6 +37,7 @@ from ..objectives.update import GuardedStep
 from ..policies import POLICIES, BatchContext, Policy, build as build_policy, check_compatible
 from .inputs import RunInput
 from .lr_rule import model_family, niu_learning_rate
+from .registry import METHODS
 
 NONFINITE_MODES = ("raise", "skip")
 
@@ -62,12 +66,28 @@ class Counters(nn.Module):
         return dict(zip(self._buffers.keys(), values))
 
 
-def check_batch(x: torch.Tensor, channels: int = 3, nonfinite: str = "raise") -> None:
-    """Raise a clear ``ValueError`` for a batch no method should learn from.
+#: how far outside the input range a value may lie before a batch is refused (float rounding of
+#: resizing, interpolation and corruption code)
+INPUT_TOLERANCE = 1e-3
 
-    Shape, dtype and emptiness are checked from metadata. Finiteness costs one host sync and is
-    checked when ``nonfinite="raise"``; with ``"skip"`` a non-finite batch is predicted but its
-    update is dropped on the device and counted.
+
+def check_batch(x: torch.Tensor, channels: int = 3, nonfinite: str = "raise", *,
+                input_range: tuple[float, float] | None = (0.0, 1.0), tolerance: float = INPUT_TOLERANCE,
+                dtype: torch.dtype | None = None, device: torch.device | None = None) -> None:
+    """Raise a clear ``ValueError`` for a batch no method should learn from, before anything changes.
+
+    From metadata only (no synchronisation): a 4-D tensor ``(N, C, H, W)`` with ``N, H, W >= 1``
+    and ``C == channels``, a floating-point dtype equal to ``dtype`` (the model's parameters'; a
+    half-precision batch is let through under ``torch.autocast``, which casts it), and on
+    ``device``. A batch of another dtype is refused rather than cast: casting would hide a change
+    of precision (cast it yourself, ``x.to(dtype)``).
+
+    From the values: non-finite values (when ``nonfinite="raise"``) and values outside
+    ``input_range`` by more than ``tolerance`` (unless ``input_range`` is ``None``). Both come from
+    one reduction (``aminmax``, which propagates NaN) and cost **one host synchronisation** per
+    batch together; with ``nonfinite="skip"`` and ``input_range=None`` there is none. With
+    ``nonfinite="skip"`` a non-finite batch is predicted but its update is dropped on the device
+    and counted, and only its finite values are range-checked.
     """
     if not torch.is_tensor(x):
         raise ValueError(f"expected a tensor batch of images, got {type(x).__name__}")
@@ -77,11 +97,36 @@ def check_batch(x: torch.Tensor, channels: int = 3, nonfinite: str = "raise") ->
         raise ValueError("empty batch: a batch needs at least one image")
     if x.shape[1] != channels:
         raise ValueError(f"expected {channels} channels, got {x.shape[1]} (shape {tuple(x.shape)})")
+    if x.shape[2] < 1 or x.shape[3] < 1:
+        raise ValueError(f"expected images of at least 1x1 pixels, got shape {tuple(x.shape)}")
     if not x.is_floating_point():
         raise ValueError(f"expected float images in [0, 1], got dtype {x.dtype}")
-    if nonfinite == "raise" and not bool(torch.isfinite(x).all()):
+    if dtype is not None and x.dtype != dtype:
+        autocast = x.dtype in (torch.float16, torch.bfloat16) and torch.is_autocast_enabled(x.device.type)
+        if not autocast:
+            raise ValueError(f"batch dtype {x.dtype} differs from the model's parameters ({dtype}): cast the batch "
+                             f"(x.to({dtype})), or run under torch.autocast for mixed precision; nothing was updated")
+    if device is not None and x.device != device:
+        raise ValueError(f"batch is on {x.device} but the model is on {device}: move one of them "
+                         f"(x.to({str(device)!r}) or adapted.to({str(x.device)!r})); nothing was updated")
+    check_finite = nonfinite == "raise"
+    if not check_finite and input_range is None:
+        return
+    values = x.detach()
+    if not check_finite:  # skip mode: non-finite values are the guarded step's business, not a range error
+        lo, hi = input_range
+        values = values.nan_to_num(nan=lo, posinf=hi, neginf=lo)
+    low, high = torch.stack(torch.aminmax(values)).float().tolist()  # the one host sync
+    if check_finite and not (math.isfinite(low) and math.isfinite(high)):
         raise ValueError("batch contains NaN or Inf values; nothing was updated "
                          "(pass nonfinite='skip' to predict anyway and count the skipped update)")
+    if input_range is not None:
+        lo, hi = input_range
+        if low < lo - tolerance or high > hi + tolerance:
+            raise ValueError(
+                f"images must be in [{lo:g}, {hi:g}] (the wrapper applies the model's normalisation itself), got "
+                f"values in [{low:.4g}, {high:.4g}]; nothing was updated. Scale 0..255 images by 1/255, pass images "
+                f"before normalisation, or pass input_range=None to turn this check off")
 
 
 def make_optimizer(name: str, params: Sequence[nn.Parameter], lr: float, momentum: float,
@@ -96,16 +141,61 @@ def make_optimizer(name: str, params: Sequence[nn.Parameter], lr: float, momentu
     raise ValueError(f"unknown optimizer {name!r}; use sgd, adam or adamw")
 
 
+def _input_range(value: Any) -> tuple[float, float] | None:
+    """``None`` or a ``(low, high)`` pair of finite numbers with ``low < high``."""
+    if value is None:
+        return None
+    try:
+        low, high = (float(v) for v in value)
+    except (TypeError, ValueError):
+        raise ValueError(f"input_range must be None or a (low, high) pair of numbers, got {value!r}") from None
+    if not (math.isfinite(low) and math.isfinite(high) and low < high):
+        raise ValueError(f"input_range must be a finite (low, high) pair with low < high, got {value!r}")
+    return low, high
+
+
+_PLAIN_SCALARS = (bool, int, float, str, torch.Tensor, torch.dtype, torch.device)
+
+
 def _plain(value: Any, where: str) -> Any:
-    """``value`` if it is made of tensors and plain containers only (what ``weights_only`` loads)."""
-    if value is None or isinstance(value, (bool, int, float, str, torch.Tensor)):
+    """``value`` if it is made of tensors and plain containers only (what ``weights_only`` loads),
+    else a ``ValueError`` naming where: a state holding anything else (bytes of a pickle, an
+    object) is refused, never unpickled or called."""
+    if value is None or isinstance(value, _PLAIN_SCALARS):
         return value
-    if isinstance(value, (list, tuple)):
-        return type(value)(_plain(v, where) for v in value)
-    if isinstance(value, dict):
-        return {k: _plain(v, where) for k, v in value.items()}
-    raise ValueError(f"{where}: expected tensors and plain containers, found {type(value).__name__}; "
-                     f"refusing to load it (tta never unpickles a saved state)")
+    if isinstance(value, (list, tuple)) and type(value) in (list, tuple):
+        return type(value)(_plain(v, f"{where}[{i}]") for i, v in enumerate(value))
+    if type(value) in (dict, collections.OrderedDict):
+        out = {}
+        for k, v in value.items():
+            if not isinstance(k, (str, int)):
+                raise ValueError(f"{where}: keys must be strings or integers, found {type(k).__name__}; refusing "
+                                 f"to load it (tta never unpickles a saved state)")
+            out[k] = _plain(v, f"{where}[{k!r}]")
+        return out
+    hint = (" (bytes in a method state are an optimizer state pickled by tta < 0.2: loading them could run "
+            "code, so tta refuses them; re-save the state with this version)") if isinstance(value, (bytes, bytearray)) else ""
+    raise ValueError(f"{where}: expected tensors and plain containers, found {type(value).__name__}; refusing "
+                     f"to load it (tta never unpickles a saved state){hint}")
+
+
+def _locked(function: Callable[..., Any]) -> Callable[..., Any]:
+    """Run a method's ``function`` holding its lock (see :attr:`Method.lock`)."""
+    @functools.wraps(function)
+    def locked(self: "Method", *args: Any, **kwargs: Any) -> Any:
+        with self.lock:
+            out = function(self, *args, **kwargs)
+            if function.__name__ == "reset":
+                guard = self._modules.get("collapse_guard")
+                if guard is not None:
+                    guard.clear()
+            return out
+
+    locked.__tta_locked__ = True  # type: ignore[attr-defined]
+    return locked
+
+
+_LOCK_CREATION = threading.Lock()
 
 
 class Method(nn.Module):
@@ -126,6 +216,9 @@ class Method(nn.Module):
             ``policy_kwargs[name]``.
         policy_kwargs: keyword arguments for extra policies, by name.
         nonfinite: ``"raise"`` (default) or ``"skip"`` for batches with NaN/Inf.
+        input_range: the range images must lie in (``(0, 1)``: the wrapper normalises them itself);
+            a batch outside it by more than :data:`INPUT_TOLERANCE` raises ``ValueError``.
+            ``None`` turns the check off (see :func:`check_batch` for its cost).
     """
 
     #: the registered name (set by the registry)
@@ -149,6 +242,8 @@ class Method(nn.Module):
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
+        if "reset" in vars(cls) and not getattr(vars(cls)["reset"], "__tta_locked__", False):
+            cls.reset = _locked(vars(cls)["reset"])  # a recipe's reset() holds the lock too (thread model)
         if "__init__" not in vars(cls):
             return
         original = cls.__init__
@@ -165,8 +260,10 @@ class Method(nn.Module):
                  params: str | None = None, optimizer: str | None = None, lr: float | None = None,
                  batch_size: int = 64, momentum: float = 0.9, weight_decay: float = 0.0, steps: int = 1,
                  episodic: bool = False, extra_policies: Sequence[str | Policy] = (),
-                 policy_kwargs: Mapping[str, Mapping[str, Any]] | None = None, nonfinite: str = "raise"):
+                 policy_kwargs: Mapping[str, Mapping[str, Any]] | None = None, nonfinite: str = "raise",
+                 input_range: tuple[float, float] | None = (0.0, 1.0)):
         super().__init__()
+        self.input_range = _input_range(input_range)
         if nonfinite not in NONFINITE_MODES:
             raise ValueError(f"nonfinite must be one of {NONFINITE_MODES}, not {nonfinite!r}")
         if int(steps) < 1:
@@ -232,7 +329,10 @@ class Method(nn.Module):
     def _assemble_policies(self) -> None:
         extra = [self._build_extra(p) for p in self._extra_policy_specs]
         for policy in extra:
-            check_compatible(policy, level=self.policy_level, provides=set(self.provides), method=self.name)
+            fitting = [name for name in METHODS.available() if METHODS.get(name).policy_level == policy.level
+                       and set(policy.needs) <= METHODS.get(name).provides]
+            check_compatible(policy, level=self.policy_level, provides=set(self.provides), method=self.name,
+                             alternatives=fitting)
         own = list(self.default_policies())
         self.policies = nn.ModuleList(self.combine_policies(own, extra))
         for key in self.policy_keys:
@@ -261,12 +361,18 @@ class Method(nn.Module):
     # ------------------------------------------------------------------ the step
     def select(self, ctx: BatchContext) -> torch.Tensor:
         """Multiply the policies' weights in order; each policy sees which samples (or views) are
-        still alive. Counts what each policy saw and kept, on the device."""
+        still alive. Counts what each policy saw and kept, on the device, and keeps this batch's
+        kept-after-each-stage masks in ``last_selection`` (``{policy key: bool tensor}``, in order; a
+        recipe with a selection outside its policies adds its own, e.g. SAR's second one) for the
+        engine's selection diagnostics (:class:`tta.metrics.SelectionMetrics`)."""
         weights = torch.ones(ctx.batch_size, device=ctx.logits.device)
+        self.last_selection: dict[str, torch.Tensor] = {}
         for key, policy in zip(self.policy_keys, self.policies):
             alive = weights > 0
             weights = weights * policy(ctx, alive)
-            self.count_policy(key, alive.sum(), (weights > 0).sum())
+            kept = weights > 0
+            self.last_selection[key] = kept
+            self.count_policy(key, alive.sum(), kept.sum())
         return weights
 
     def count_batch(self, x: torch.Tensor) -> None:
@@ -305,7 +411,13 @@ class Method(nn.Module):
         return ok
 
     def check_input(self, x: torch.Tensor) -> None:
-        check_batch(x, channels=getattr(self.model, "input_channels", 3), nonfinite=self.nonfinite)
+        """Refuse a batch before any counter or weight moves (:func:`check_batch`): shape, dtype and
+        device of the model's parameters, and, with one host sync, NaN/Inf (``nonfinite="raise"``)
+        and values outside :attr:`input_range`."""
+        param = next(self.model.parameters(), None)
+        check_batch(x, channels=getattr(self.model, "input_channels", 3), nonfinite=self.nonfinite,
+                    input_range=self.__dict__.get("input_range", (0.0, 1.0)), tolerance=INPUT_TOLERANCE,
+                    dtype=None if param is None else param.dtype, device=None if param is None else param.device)
 
     # ------------------------------------------------------------------ the run
     def networks(self) -> list[nn.Module]:
@@ -329,8 +441,10 @@ class Method(nn.Module):
             "optimizer": copy.deepcopy(self.optimizer.state_dict()) if self.optimizer else None,
         }
 
+    @_locked
     def reset(self) -> None:
-        """Back to the source state: model weights, optimizer state and the method's own state."""
+        """Back to the source state: model weights, optimizer state and the method's own state
+        (the rollback of the save / restore / rollback API, see :meth:`state_dict`)."""
         self.model.load_state_dict(self._initial_state["model"])
         if self.optimizer is not None:
             self.optimizer.load_state_dict(self._initial_state["optimizer"])
@@ -345,12 +459,102 @@ class Method(nn.Module):
         return {"optimizer": copy.deepcopy(self.optimizer.state_dict())}
 
     def set_extra_state(self, state: Any) -> None:
-        if state is None or self.optimizer is None:
+        """Load the optimizer state of :meth:`get_extra_state`. Anything but tensors and plain
+        containers (an older tta's pickled optimizer bytes, an object) raises ``ValueError``: a
+        state is never unpickled, so loading one cannot run code."""
+        if state is None:
+            if self.optimizer is not None:
+                raise ValueError(f"this {self.name} state holds no optimizer state, but {self.name} has an optimizer: "
+                                 f"it was saved from another method or parameter preset")
             return
-        if not isinstance(state, dict) or "optimizer" not in state:
-            raise ValueError(f"unexpected method extra state of type {type(state).__name__} (a state saved by an "
-                             f"older tta holds a pickled optimizer, which tta refuses to unpickle: re-save it)")
-        self.optimizer.load_state_dict(_plain(state["optimizer"], "optimizer state"))
+        if self.optimizer is None:
+            raise ValueError(f"this state holds an optimizer state, but {self.name} has no optimizer (it adapts "
+                             f"nothing): it was saved from another method or parameter preset")
+        if not isinstance(state, dict) or set(state) != {"optimizer"}:
+            kind = type(state).__name__ + ("" if not isinstance(state, dict) else f" with keys {sorted(map(str, state))}")
+            hint = (" (bytes: an optimizer state pickled by tta < 0.2; loading it could run code, so tta refuses it: "
+                    "re-save the state with this version)") if isinstance(state, (bytes, bytearray)) else ""
+            raise ValueError(f"unexpected method extra state ({kind}): expected {{'optimizer': <optimizer "
+                             f"state_dict of tensors and plain containers>}}; nothing was loaded{hint}")
+        optimizer = _plain(state["optimizer"], "optimizer state")
+        if not isinstance(optimizer, dict) or not isinstance(optimizer.get("state"), dict) \
+                or not isinstance(optimizer.get("param_groups"), list):
+            raise ValueError("optimizer state: expected a dict with 'state' (a dict) and 'param_groups' (a list); "
+                             "nothing was loaded")
+        self.optimizer.load_state_dict(optimizer)
+
+    # ------------------------------------------------------------------ save / restore / threads
+    @property
+    def lock(self) -> threading.RLock:
+        """The lock that serialises this method's online state (thread model).
+
+        ``method(x)`` (check, predict, adapt, and the collapse guard), :meth:`reset`,
+        :meth:`state_dict` and :meth:`load_state_dict` each hold it, so one adapted model can serve
+        concurrent callers: their calls run one after the other, each seeing the state the previous
+        one left (no interleaved half-updates, and the counters count exactly the calls made).
+        Uncontended it costs well under a microsecond per call. It is re-entrant: hold it
+        (``with adapted.lock:``) to make several calls one atomic unit, e.g. predict then save.
+        Concurrent callers still share one state; give each stream its own ``tta.adapt`` copy
+        to adapt them independently.
+        """
+        lock = self.__dict__.get("_lock")
+        if lock is None:
+            with _LOCK_CREATION:
+                lock = self.__dict__.get("_lock")
+                if lock is None:
+                    lock = self.__dict__["_lock"] = threading.RLock()
+        return lock
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        with self.lock:
+            out = super().__call__(*args, **kwargs)
+            guard = self._modules.get("collapse_guard")
+            if guard is not None:
+                guard.observe(self, out)
+            return out
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__)
+        state.pop("_lock", None)  # a copy gets its own lock
+        return state
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """The method's whole online state, to save (``torch.save``) and restore later.
+
+        Model weights and buffers, the optimizer state (as its ``state_dict()``, under
+        ``_extra_state``), the policies' and the method's buffers and the counters: tensors and
+        plain containers only, so ``torch.load(f, weights_only=True)`` reads it and
+        :meth:`load_state_dict` never unpickles anything. Save / restore / rollback::
+
+            state = adapted.state_dict()        # save (copy it, or torch.save it: the tensors are live)
+            adapted.load_state_dict(state)      # restore that point
+            adapted.reset()                     # roll back to the source state
+        """
+        with self.lock:
+            return super().state_dict(*args, **kwargs)
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):
+        """Restore a :meth:`state_dict` (from any source: it holds no code, and anything that is not
+        tensors and plain containers raises ``ValueError``). Counters registered on the fly (a
+        counter that appears only after some batch) are matched both ways; a collapse guard's signal
+        (:mod:`tta.guard`) is kept when the state has none and ignored when this method has no guard."""
+        with self.lock:
+            state = dict(state_dict)
+            for prefix, counters in (("counters.", self.counters), ("policy_counters.", self.policy_counters)):
+                for key in [k for k in state if k.startswith(prefix) and "." not in k[len(prefix):]]:
+                    name = key[len(prefix):]
+                    if name not in counters._buffers:
+                        counters.add(name, torch.zeros((), dtype=torch.long, device=counters._device()))
+                for name, buffer in counters._buffers.items():
+                    state.setdefault(prefix + name, torch.zeros_like(buffer))
+            guard = self._modules.get("collapse_guard")  # a guard's signal is not part of what is restored
+            for key in [k for k in state if k.startswith("collapse_guard.")]:
+                if guard is None:
+                    del state[key]
+            if guard is not None:
+                for name, buffer in guard.state_dict().items():
+                    state.setdefault("collapse_guard." + name, buffer.clone())
+            return super().load_state_dict(state, strict=strict, assign=assign)
 
     def input_records(self) -> dict[str, Any]:
         """What the run record keeps about the run inputs the method was handed (default: nothing)."""
@@ -367,6 +571,8 @@ class Method(nn.Module):
                "num_adapted_values": int(sum(p.numel() for p in self.adapted_parameters())),
                "steps": self.steps, "episodic": self.episodic, "nonfinite": self.nonfinite,
                "policies": [{"name": p.name, **p.hparams()} for p in self.policies]}
+        if self._modules.get("collapse_guard") is not None:  # tta.guard, off unless attached
+            out["guard"] = self.collapse_guard.hparams()
         if self.optimizer is not None:
             group = self.optimizer.param_groups[0]
             out["optimizer"] = {"name": self.optimizer_name, "lr": self.lr,

@@ -54,6 +54,8 @@ class SAR(BatchMethod):
       also zeroes the momentum (a fresh optimizer). ``reset()`` (a new domain) clears the EMA, as SAR's
       ``main.py`` builds a fresh model per corruption.
     * ``recovery=False`` turns model recovery off.
+    * selection diagnostics (run.json ``selection``): ``S2`` is the stage ``entropy_margin_sam``, after
+      ``entropy_margin`` (``S1``); correctness is judged on the first forward's prediction (the one reported).
     * the EMA is a float32 device buffer (the official one is a Python float, i.e. float64): the
       values agree to ~1e-7 relative, which only matters for an EMA within that of 0.2.
     * ``episodic=True`` calls :meth:`reset` before each batch, which also clears the SGD momentum
@@ -103,6 +105,7 @@ class SAR(BatchMethod):
 
         entropy2 = shannon_entropy(self.model(x))  # full batch at theta + e
         keep2 = (weights > 0) & (entropy2.detach() < self.margin())
+        self.last_selection["entropy_margin_sam"] = keep2  # S2: what the update learns from (diagnostics)
         weights2 = torch.where(keep2, weights, torch.zeros_like(weights))
         loss2 = weighted_mean(entropy2, weights2)
         kept2 = keep2.sum()

@@ -37,8 +37,8 @@ The record's ``normalization_source`` is ``given`` (stated by you), ``weights``,
 normalisation (``imagenet``, ``weights``) is averaged over the channels, and that is noted.
 
 Input channels: ``Classifier.input_channels`` is taken from the network's first ``Conv2d`` (in
-definition order), or from ``input_channels=`` (``model_input_channels=``) when the network has none
-or you want to state it.
+definition order), or from ``input_channels=`` (``model_input_channels=``), which wins (with a
+warning when it differs from that convolution); without a ``Conv2d`` 3 is assumed and noted.
 """
 from __future__ import annotations
 
@@ -383,9 +383,11 @@ def load_classifier(
     found = first_conv_channels(net)
     if input_channels is not None:
         input_channels = int(input_channels)
-        if found is not None and found != input_channels:
-            raise ValueError(f"input_channels={input_channels} but the first convolution of {info.spec} takes "
-                             f"{found} channels")
+        if found is not None and found != input_channels:  # stated wins (the first conv defined may not be the stem)
+            message = (f"input_channels={input_channels} is used, but the first convolution defined in {info.spec} "
+                       f"takes {found} channels")
+            warnings.warn(message, UserWarning, stacklevel=2)
+            info.notes.append(message)
         info.input_channels = input_channels
     elif found is not None:
         info.input_channels = found

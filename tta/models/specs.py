@@ -34,6 +34,7 @@ if TYPE_CHECKING:  # pragma: no cover - type hints only (no import at run time: 
 FILE = "<file>"
 """Registry key of the loader for a spec that is a path to an existing file."""
 
+_FILE_SUFFIXES = (".pt", ".pth", ".pkl", ".bin", ".ckpt", ".safetensors")
 ClassNames = Union[Sequence[str], Callable[[], Union[Sequence[str], None]], None]
 
 
@@ -112,6 +113,9 @@ class SpecRegistry:
             return self._loaders[key], spec[len(key):]
         if FILE in self._loaders and Path(spec).expanduser().is_file():
             return self._loaders[FILE], str(Path(spec).expanduser())
+        if FILE in self._loaders and (os.sep in spec or spec.endswith(_FILE_SUFFIXES)):
+            raise FileNotFoundError(f"model file not found: {Path(spec).expanduser()} (working directory "
+                                    f"{os.getcwd()})")
         raise ValueError(f"unknown model spec {spec!r}; use one of:\n  " + "\n  ".join(self.describe())
                          + "\n  or pass an nn.Module (Python API)")
 

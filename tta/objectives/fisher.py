@@ -1,6 +1,6 @@
 """The Fisher (EWC) anchor of EATA: ``beta * sum_k F_k (theta_k - theta0_k)^2``.
 
-Estimation follows EATA's ``main.py`` (mr-eggplant/EATA) [METHODS.md §3]:
+Estimation follows EATA's ``main.py`` (mr-eggplant/EATA):
 
 * data: clean images (``fisher_size = 2000`` by default), in batches, the model already configured
   for adaptation (BatchNorm on batch statistics, train mode);

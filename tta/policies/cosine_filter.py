@@ -64,6 +64,7 @@ class CosineFilter(Policy):
     """
 
     level = "views"
+    needs = ()  # per instance: ("embeddings",) with on="embeddings"
 
     def __init__(self, ratio: float = 0.8, on: str = "logits", reference: int = 0):
         super().__init__()

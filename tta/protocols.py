@@ -1,0 +1,377 @@
+"""Benchmark protocols: the hyperparameters the reference code uses *for a benchmark*, per method.
+
+A method's defaults (its constructor's keyword defaults) are the ImageNet-C values of its paper's
+code. The small benchmarks of the field (CIFAR-10/100-C) run under another protocol: Tent's CIFAR
+configuration and the per-method configurations of mariodoebler/test-time-adaptation (Adam, lr 1e-3,
+batch 200, EATA's redundancy margin per class count, ...). Running a 10-class benchmark with the
+1,000-class values silently turns selection off (EATA's ``d_margin`` 0.05 rejects almost every
+sample of a 10-class model), so each data config names its protocol (``protocol:`` key) and the
+command line can name another (``protocol=<name>``).
+
+Every value below is data with its source (repository, commit, file); ``docs/benchmarks/protocols.md``
+is the same table for readers. Resolution order for a method's keyword arguments, lowest first:
+
+1. the method's default (its constructor),
+2. the protocol's value for that method,
+3. what the command line (or the caller) gave.
+
+:func:`resolve` is pure and returns the keyword arguments with the origin of each
+(``"method default"``, ``"protocol"``, ``"command line"``). The stream's batch size comes from the
+protocol when ``batch_size`` is not given (a setting's own batch size, e.g. ``bs1``, still wins).
+
+A value that depends on the number of classes and exists only for some class counts (EATA's
+``d_margin``: 0.4 for CIFAR-10, 0.1 for CIFAR-100) is a :class:`ByClasses`; another class count is a
+``ValueError`` unless the value is given. Values tuned for 1,000 classes (``d_margin`` 0.05, the
+method default and the ``imagenet`` protocol's) produce a warning on a model with fewer than
+:data:`FEW_CLASSES` classes (:func:`class_count_warnings`).
+"""
+from __future__ import annotations
+
+import inspect
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+ORIGINS = ("method default", "protocol", "command line")
+FEW_CLASSES = 100
+"""Below this many classes a threshold tuned for 1,000 classes is warned about."""
+
+
+@dataclass(frozen=True)
+class Cited:
+    """A protocol value and where it comes from (a key of :data:`SOURCES`).
+
+    ``tuned_for``: the class count the value was tuned for, when it depends on it (EATA's ``d_margin``)."""
+
+    value: Any
+    source: str
+    tuned_for: int | None = None
+
+
+@dataclass(frozen=True)
+class ByClasses:
+    """A value that depends on the number of classes, known for some class counts only."""
+
+    values: Mapping[int, Any]
+    source: str
+
+    def at(self, num_classes: int) -> Any:
+        if num_classes not in self.values:
+            raise KeyError(num_classes)
+        return self.values[num_classes]
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """One benchmark protocol: a stream batch size and per-method hyperparameters."""
+
+    name: str
+    description: str
+    batch_size: Cited | None
+    methods: Mapping[str, Mapping[str, Cited | ByClasses]]
+    notes: Mapping[str, str] = field(default_factory=dict)
+
+    def entries(self, method: str) -> Mapping[str, Cited | ByClasses]:
+        return self.methods.get(method, {})
+
+
+# ----------------------------------------------------------------------------- sources
+# Repositories at the commits read (see docs/benchmarks/protocols.md for the lines).
+TENT = "DequanWang/tent@e9e926a"
+MARIO = "mariodoebler/test-time-adaptation@8b2ed63"
+EATA_REPO = "mr-eggplant/EATA@f739b36"
+SAR_REPO = "mr-eggplant/SAR@20f6e24"
+DEYO_REPO = "Jhyun17/DeYO@3d7d289"
+UNIENT = "gaozhengqing/UniEnt@af7faa8"
+
+SOURCES: dict[str, str] = {
+    "eata-main": f"{EATA_REPO} main.py (--batch_size 64, SGD 0.00025 momentum 0.9, --e_margin 0.4 ln 1000, "
+                 f"--d_margin 0.05, --fisher_alpha 2000, --fisher_size 2000)",
+    "sar-main": f"{SAR_REPO} main.py (--test_batch_size 64, lr rule 2.5e-4 ResNet / 1e-3*bs/64 ViT, doubled "
+                f"for SAR at bs 1, SGD/SAM momentum 0.9, --sar_margin_e0 0.4 ln 1000); sam.py rho 0.05; sar.py 0.2",
+    "deyo-main": f"{DEYO_REPO} config.py (--test_batch_size 64, --deyo_margin 0.5, --deyo_margin_e0 0.4, "
+                 f"--plpd_threshold 0.2) and main.py (lr rule, doubled at bs 1, SGD momentum 0.9)",
+    "unient-imagenet": f"{UNIENT} imagenet/main.py (--method SGD, --lr 0.001, --momentum 0.9, --alpha 0.5)",
+    "tent-cifar": f"{TENT} cfgs/tent.yaml (Adam, LR 1e-3, BETA 0.9, WD 0, STEPS 1, BATCH_SIZE 200); "
+                  f"cifar10c.py setup_optimizer (Adam betas (BETA, 0.999))",
+    "mario-cifar": f"{MARIO} classification/cfgs/cifar10_c/*.yaml and cifar100_c/*.yaml (OPTIM Adam, LR 1e-3, "
+                   f"BETA 0.9, WD 0, STEPS 1, TEST.BATCH_SIZE 200); methods/base.py setup_optimizer",
+    "mario-eata": f"{MARIO} classification/cfgs/cifar10_c/eata.yaml, eta.yaml (D_MARGIN 0.4), cifar100_c/eata.yaml, "
+                  f"eta.yaml (D_MARGIN 0.1); eata.yaml: FISHER_ALPHA 1.0, SOURCE.NUM_SAMPLES 2000",
+    "mario-conf": f"{MARIO} classification/conf.py (EATA.MARGIN_E0 0.4, SAR.RESET_CONSTANT_EM 0.2, DEYO.MARGIN 0.5, "
+                  f"DEYO.PLPD 0.2, OPTIM.MOMENTUM 0.9)",
+    "mario-sar": f"{MARIO} classification/methods/sar.py setup_optimizer (SAM over SGD, lr OPTIM.LR, momentum "
+                 f"OPTIM.MOMENTUM, whatever OPTIM.METHOD says; SAM rho 0.05)",
+    "unient-cifar": f"{UNIENT} cifar/main.py (--method Adam, --lr 0.001, --alpha 0.5)",
+    "eata_c-from-eata": "EATA-C has no public code: EATA's value for this benchmark, a decision of this toolkit "
+                        "(docs/benchmarks/protocols.md)",
+}
+
+
+def _as_eata_c(entries: Mapping[str, Cited | ByClasses]) -> dict[str, Cited | ByClasses]:
+    """EATA's entries, cited as this toolkit's decision for EATA-C (no reference code exists)."""
+    out: dict[str, Cited | ByClasses] = {}
+    for key, entry in entries.items():
+        out[key] = (ByClasses(entry.values, "eata_c-from-eata") if isinstance(entry, ByClasses)
+                    else Cited(entry.value, "eata_c-from-eata", entry.tuned_for))
+    return out
+
+
+def _imagenet() -> Protocol:
+    sgd_rule = lambda src: {"optimizer": Cited("sgd", src), "lr": Cited(None, src),  # noqa: E731
+                            "momentum": Cited(0.9, src), "weight_decay": Cited(0.0, src), "steps": Cited(1, src)}
+    eta = {**sgd_rule("eata-main"), "e_margin": Cited(0.4, "eata-main"),
+           "d_margin": Cited(0.05, "eata-main", tuned_for=1000)}
+    eata = {**eta, "fisher_alpha": Cited(2000.0, "eata-main"), "fisher_size": Cited(2000, "eata-main")}
+    return Protocol(
+        name="imagenet",
+        description="ImageNet-C as EATA, SAR and DeYO run it: SGD momentum 0.9, the SAR/DeYO learning-rate "
+                    "rule (lr null: 2.5e-4 at batch >= 32 for CNNs, 1e-3 * bs / 64 for ViTs), batch 64",
+        batch_size=Cited(64, "eata-main"),
+        methods={
+            "tent": sgd_rule("sar-main"),
+            "eta": eta,
+            "eata": eata,
+            "eata_c": _as_eata_c(eata),
+            "sar": {**sgd_rule("sar-main"), "e_margin": Cited(0.4, "sar-main"), "rho": Cited(0.05, "sar-main"),
+                    "reset_constant": Cited(0.2, "sar-main")},
+            "deyo": {**sgd_rule("deyo-main"), "deyo_margin": Cited(0.5, "deyo-main"),
+                     "margin_e0": Cited(0.4, "deyo-main"), "plpd_threshold": Cited(0.2, "deyo-main")},
+            "crowds": {"optimizer": Cited("sgd", "unient-imagenet"), "lr": Cited(1e-3, "unient-imagenet"),
+                       "momentum": Cited(0.9, "unient-imagenet"), "alpha": Cited(0.5, "unient-imagenet")},
+        },
+        notes={"eata_c": "EATA-C has no public code: it takes EATA's values (a decision)",
+               "crowds": "no official code: UniEnt's re-implementation (batch 32 there; the protocol's 64 here)"},
+    )
+
+
+def _cifar() -> Protocol:
+    adam = lambda src: {"optimizer": Cited("adam", src), "lr": Cited(1e-3, src),  # noqa: E731
+                        "weight_decay": Cited(0.0, src), "steps": Cited(1, src)}
+    eta = {**adam("mario-cifar"), "e_margin": Cited(0.4, "mario-conf"),
+           "d_margin": ByClasses({10: 0.4, 100: 0.1}, "mario-eata")}
+    eata = {**eta, "fisher_alpha": Cited(1.0, "mario-eata"), "fisher_size": Cited(2000, "mario-eata")}
+    return Protocol(
+        name="cifar",
+        description="CIFAR-10/100-C as Tent's CIFAR config and mariodoebler/test-time-adaptation run it: "
+                    "Adam (betas 0.9, 0.999), lr 1e-3, no weight decay, one step, batch 200",
+        batch_size=Cited(200, "tent-cifar"),
+        methods={
+            "tent": adam("tent-cifar"),
+            "eta": eta,
+            "eata": eata,
+            "eata_c": _as_eata_c(eata),
+            "sar": {"optimizer": Cited("sgd", "mario-sar"), "lr": Cited(1e-3, "mario-sar"),
+                    "momentum": Cited(0.9, "mario-sar"), "weight_decay": Cited(0.0, "mario-cifar"),
+                    "steps": Cited(1, "mario-cifar"), "e_margin": Cited(0.4, "mario-conf"),
+                    "rho": Cited(0.05, "mario-sar"), "reset_constant": Cited(0.2, "mario-conf")},
+            "deyo": {**adam("mario-cifar"), "deyo_margin": Cited(0.5, "mario-conf"),
+                     "margin_e0": Cited(0.4, "mario-conf"), "plpd_threshold": Cited(0.2, "mario-conf")},
+            "crowds": {"optimizer": Cited("adam", "unient-cifar"), "lr": Cited(1e-3, "unient-cifar"),
+                       "alpha": Cited(0.5, "unient-cifar")},
+        },
+        notes={"sar": "the reference's SAR ignores OPTIM.METHOD: SAM over SGD (momentum 0.9) at lr 1e-3",
+               "eata_c": "EATA-C has no public code: it takes EATA's CIFAR values (a decision)",
+               "crowds": "no official code: UniEnt's CIFAR setup (Adam 1e-3)"},
+    )
+
+
+PROTOCOLS: dict[str, Protocol] = {p.name: p for p in (_imagenet(), _cifar())}
+
+#: method defaults that were tuned for a class count (the 1,000 ImageNet classes)
+DEFAULTS_TUNED_FOR: dict[str, int] = {"d_margin": 1000}
+
+
+def available() -> list[str]:
+    return sorted(PROTOCOLS)
+
+
+def get(name: str | Protocol | None) -> Protocol | None:
+    """The protocol called ``name`` (``None``/``"none"``: no protocol, the method defaults)."""
+    if name is None or isinstance(name, Protocol):
+        return name
+    if str(name).lower() in ("none", "null", "defaults"):
+        return None
+    if name not in PROTOCOLS:
+        raise ValueError(f"unknown protocol {name!r}; use one of {', '.join(available())} (or none: the methods' "
+                         f"own defaults)")
+    return PROTOCOLS[name]
+
+
+def resolve(method: str, protocol: str | Protocol | None, num_classes: int, defaults: Mapping[str, Any],
+            given: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
+    """A method's keyword arguments: ``defaults`` < the protocol's values < ``given``.
+
+    Args:
+        method: the registered method name.
+        protocol: a protocol name, a :class:`Protocol`, or ``None`` (method defaults only).
+        num_classes: the model's class count (for :class:`ByClasses` values).
+        defaults: the method's defaults (``tta.run.method_defaults(method)``).
+        given: values the user gave explicitly (command line or keyword arguments).
+
+    Returns:
+        ``(kwargs, origins)``: every key of ``defaults`` and ``given``, and for each where its value came
+        from (``"method default"``, ``"protocol"``, ``"command line"``).
+
+    Raises:
+        ValueError: a protocol entry the method does not take (a table error), or a class-count
+            dependent value with no entry for ``num_classes`` that was not given.
+    """
+    proto = get(protocol)
+    kwargs, origins = dict(defaults), {k: "method default" for k in defaults}
+    for key, entry in (proto.entries(method).items() if proto is not None else ()):
+        if key not in defaults:
+            raise ValueError(f"protocol {proto.name!r}: method {method!r} takes no hyperparameter {key!r}")
+        if key in given:
+            continue
+        if isinstance(entry, ByClasses):
+            try:
+                value = entry.at(num_classes)
+            except KeyError:
+                known = ", ".join(str(c) for c in sorted(entry.values))
+                raise ValueError(
+                    f"protocol {proto.name!r} gives {method}'s {key} for {known} classes only, and this model has "
+                    f"{num_classes}: pass method.{key}=<value> (or another protocol)") from None
+        else:
+            value = entry.value
+        kwargs[key], origins[key] = value, "protocol"
+    for key, value in given.items():
+        kwargs[key], origins[key] = value, "command line"
+    return kwargs, origins
+
+
+def tuned_for(method: str, protocol: str | Protocol | None, key: str, origin: str) -> int | None:
+    """The class count the value of ``key`` was tuned for, given its origin (``None``: not class-specific)."""
+    if origin == "method default":
+        return DEFAULTS_TUNED_FOR.get(key)
+    proto = get(protocol)
+    if origin == "protocol" and proto is not None:
+        entry = proto.entries(method).get(key)
+        if isinstance(entry, Cited):
+            return entry.tuned_for
+    return None
+
+
+def class_count_warnings(method: str, protocol: str | Protocol | None, origins: Mapping[str, str],
+                         num_classes: int) -> list[str]:
+    """Messages for thresholds tuned for 1,000 classes on a model with fewer than :data:`FEW_CLASSES`."""
+    out = []
+    for key, origin in origins.items():
+        count = tuned_for(method, protocol, key, origin)
+        if count is not None and num_classes < FEW_CLASSES <= count:
+            source = "the method default" if origin == "method default" else f"protocol {get(protocol).name!r}"
+            out.append(f"{method}: {key} comes from {source}, tuned for {count} classes, and this model has "
+                       f"{num_classes}: it may reject almost every sample. Pass protocol='cifar' (the CIFAR-10/100 "
+                       f"values) or {key}=<value>.")
+    return out
+
+
+def method_keywords(method: str) -> list[str]:
+    """The keyword-only constructor arguments of a registered method, along its class hierarchy."""
+    from .methods import METHODS
+
+    names: list[str] = []
+    for klass in reversed(METHODS.get(method).__mro__):
+        init = vars(klass).get("__init__")
+        if init is None or klass is object:
+            continue
+        names.extend(p.name for p in inspect.signature(init).parameters.values()
+                     if p.kind is p.KEYWORD_ONLY and p.name not in names)
+    return names
+
+
+def for_adapt(method: str, protocol: str | Protocol | None, num_classes: int,
+              overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """The keyword arguments :func:`tta.adapt` builds ``method`` with: the protocol's values (if any) under
+    ``overrides``; warns once about class-count thresholds the caller left at a 1,000-class value."""
+    defaults = dict.fromkeys(method_keywords(method))  # only the names matter: the defaults stay the method's
+    kwargs, origins = resolve(method, protocol, num_classes, defaults, dict(overrides))
+    for message in class_count_warnings(method, protocol, origins, num_classes):
+        warnings.warn(message, stacklevel=3)
+    return {k: v for k, v in kwargs.items() if origins[k] != "method default"}
+
+
+def batch_size(protocol: str | Protocol | None) -> int | None:
+    """The protocol's stream batch size (``None``: no protocol or none given)."""
+    proto = get(protocol)
+    return None if proto is None or proto.batch_size is None else int(proto.batch_size.value)
+
+
+def given_from_overrides(overrides: Sequence[str], group: str = "method") -> dict[str, str]:
+    """Keys set on a Hydra command line under ``group`` (``method.lr=1e-3`` -> ``{"lr": "1e-3"}``).
+
+    ``overrides`` are Hydra's task overrides (``HydraConfig.get().overrides.task``). Only the names
+    matter here (the values come from the composed config); a group choice (``method=eata``) is not
+    a hyperparameter. ``~method.x`` (a deletion) counts as not given."""
+    out: dict[str, str] = {}
+    prefix = f"{group}."
+    for item in overrides:
+        text = str(item).strip()
+        if text.startswith("~"):
+            continue
+        text = text.lstrip("+")
+        key, _, value = text.partition("=")
+        if key.startswith(prefix):
+            out[key[len(prefix):].split(".")[0]] = value
+    return out
+
+
+def for_run(cfg: Mapping[str, Any], data: Mapping[str, Any], method: str, method_cfg: Mapping[str, Any],
+            defaults: Mapping[str, Any], num_classes: int,
+            overrides: Sequence[str] | None = None) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """The protocol wiring of ``tta.run``: resolved method keywords, the data config to stream, and the record.
+
+    ``method_cfg`` is the composed ``method`` node (defaults and command-line values mixed). With
+    ``overrides`` (Hydra's task overrides) the command-line keys are read from them; without (a
+    Python caller of ``tta.run.execute``) a value that differs from the method default counts as given.
+
+    Returns ``(kwargs, data, record)``: ``data`` carries the protocol's batch size when the run
+    gives none; ``record`` goes into run.json under ``protocol``: ``name``, ``chosen_by`` (``data
+    config`` or ``command line``), ``origins`` (every hyperparameter and ``batch_size``: ``method
+    default``, ``protocol``, ``command line``; the batch size also ``setting`` or ``data config``),
+    ``resolved`` (the values), ``sources`` (for each value from the protocol, a key of
+    :data:`SOURCES`), ``references`` (those keys' texts), ``notes`` and ``warnings``.
+    """
+    name = cfg.get("protocol")
+    chosen_by = "command line" if name is not None else ("data config" if data.get("protocol") else None)
+    name = name if name is not None else data.get("protocol")
+    proto = get(name)
+    if overrides is not None:
+        keys = given_from_overrides(overrides)
+        given = {k: method_cfg[k] for k in keys if k in method_cfg}
+    else:
+        given = {k: v for k, v in method_cfg.items() if k in defaults and v != defaults[k]}
+    given.update({k: v for k, v in method_cfg.items() if k not in defaults})  # run inputs and unknown keys: as given
+    kwargs, origins = resolve(method, proto, num_classes, defaults, given)
+    messages = class_count_warnings(method, proto, origins, num_classes)
+    for message in messages:
+        warnings.warn(message, stacklevel=2)
+    data = dict(data)
+    setting_bs = (cfg.get("setting") or {}).get("batch_size")
+    if cfg.get("batch_size") is not None or "batch_size" in given_from_overrides(overrides or (), group="data"):
+        bs_origin = "command line"  # batch_size=..., or data.batch_size=... (the data config's value, as typed)
+    elif setting_bs is not None:
+        bs_origin = "setting"
+    elif batch_size(proto) is not None:
+        bs_origin = "protocol"
+        data["batch_size"] = batch_size(proto)
+    else:
+        bs_origin = "data config"
+    record = {
+        "name": proto.name if proto is not None else None,
+        "chosen_by": chosen_by,
+        "origins": {**{k: origins[k] for k in defaults if k in origins}, "batch_size": bs_origin},
+        "resolved": {k: kwargs[k] for k in defaults if k in kwargs},
+        "sources": {k: proto.entries(method)[k].source for k, o in origins.items() if o == "protocol"},
+        "notes": [proto.notes[method]] if proto is not None and method in proto.notes else [],
+        "warnings": messages,
+    }
+    if bs_origin == "protocol":
+        record["sources"]["batch_size"] = proto.batch_size.source
+    record["references"] = {key: SOURCES[key] for key in dict.fromkeys(record["sources"].values())}
+    return kwargs, data, record
+
+
+__all__ = ["ByClasses", "Cited", "DEFAULTS_TUNED_FOR", "FEW_CLASSES", "ORIGINS", "PROTOCOLS", "Protocol", "SOURCES",
+           "available", "batch_size", "class_count_warnings", "for_adapt", "for_run", "get", "given_from_overrides",
+           "method_keywords", "resolve", "tuned_for"]
