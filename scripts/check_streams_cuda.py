@@ -107,6 +107,12 @@ def main() -> None:
     sx, _, _ = collect(stream(device=device, prefetch=2))
     check("same seed, same GPU images", torch.equal(sx, gx))
     dx, _, _ = collect(stream(device=device, prefetch=2, seed=1))
+    whole = list(stream(device=device, prefetch=2))
+    k = len(whole) // 2
+    rest = list(stream(device=device, prefetch=2).iterate(start_batch=k))
+    check("a stream started at a batch (resume) = the rest of an uninterrupted one",
+          len(rest) == len(whole) - k and all(a.number == b.number and torch.equal(a.ids, b.ids)
+                                             and torch.equal(a.images, b.images) for a, b in zip(whole[k:], rest)))
     check("another seed, other images", not torch.equal(dx, gx))
     wx, wids, _ = collect(stream(device=device, decode="cpu", num_workers=2, prefetch=2))
     check("workers + pinned memory to CUDA", torch.equal(wids, gids) and wx.shape == gx.shape)

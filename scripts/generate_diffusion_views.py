@@ -7,7 +7,7 @@ cache, where a DiffTPT run with the same parameters finds them.
 
 Stream preprocessing: by default the pipeline is conditioned on the full image file, as the
 official generator does; a DiffTPT run finds these views when its stream passes the files on
-unchanged (``data.resize=null data.crop=null batch_size=1``, the exact protocol). For a run on a
+unchanged (``data.resize=0 data.crop=0 batch_size=1``, the exact protocol). For a run on a
 resized/cropped stream (the default ``data.resize=224 data.crop=224``), pass the same ``--resize``
 / ``--crop`` (and ``--interpolation``): the views are then conditioned on the stream's pixels and
 named ``<class>/<file>@resize224-crop224-bicubic``, as :mod:`tta.augment.mixed_views` names them.

@@ -1,9 +1,11 @@
 """Train the embedded digits-C source model (fixed seed, about a minute on two CPU cores).
 
-    python scripts/train_digits_source.py            # writes tta/weights/digits_cnn.safetensors
+    python scripts/train_digits_source.py                      # writes tta/weights/digits_cnn.safetensors
+    python scripts/train_digits_source.py --model digits_gn    # GroupNorm: tta/weights/digits_gn.safetensors
 
 Clean training split only, light augmentation (random shifts of up to 2 pixels); the model never
-sees a corruption, so digits-C measures how much adaptation recovers.
+sees a corruption, so digits-C measures how much adaptation recovers. Both models use the same
+recipe and seed; only the normalisation layers differ (BatchNorm, or GroupNorm with 8 groups).
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from tta.data.digits import load_digits_split
-from tta.models.digits import DIGITS_MEAN, DIGITS_STD, WEIGHTS_FILE, DigitsCNN
+from tta.models.digits import DIGITS_MEAN, DIGITS_STD, SHIPPED, DigitsCNN
 
 
 def random_shift(x: torch.Tensor, max_shift: int, generator: torch.Generator) -> torch.Tensor:
@@ -28,8 +30,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=WEIGHTS_FILE)
+    parser.add_argument("--model", choices=sorted(SHIPPED), default="digits_cnn",
+                        help="digits_cnn (BatchNorm) or digits_gn (GroupNorm)")
+    parser.add_argument("--out", type=Path, default=None, help="default: the shipped weights file of --model")
     args = parser.parse_args()
+    norm, shipped = SHIPPED[args.model]
+    args.out = args.out or shipped
 
     torch.manual_seed(args.seed)
     generator = torch.Generator().manual_seed(args.seed)
@@ -37,7 +43,7 @@ def main() -> None:
     x_test, y_test = load_digits_split("test")
     mean = torch.tensor(DIGITS_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(DIGITS_STD).view(1, 3, 1, 1)
-    model = DigitsCNN()
+    model = DigitsCNN(norm=norm)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=5e-4)
     steps = args.epochs * ((len(y_train) + 63) // 64)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=3e-3, total_steps=steps)

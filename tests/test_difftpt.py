@@ -279,8 +279,8 @@ def test_the_provider_gives_adte_diffusion_views_and_records_them(assets, tmp_pa
 def test_stream_names_are_relative_paths_with_the_stream_preprocessing(assets):
     from tta.data.benchmarks import build_stream
 
-    config = {"name": "image_folder", "kind": "image_folder", "root": str(assets["data"]), "resize": None,
-              "crop": None, "subset": 5, "subset_seed": 3}
+    config = {"name": "image_folder", "kind": "image_folder", "root": str(assets["data"]), "resize": 0,
+              "crop": 0, "subset": 5, "subset_seed": 3}
     stream, _ = build_stream(config, seed=0, batch_size=1)
     names = StreamImageNames(stream)
     keys = stream.describe()["subset"]["keys"]

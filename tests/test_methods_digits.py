@@ -55,7 +55,7 @@ def norm_accuracy(stream):
 def test_method_learns_and_matches_norm_on_digits_c(name, stream, source_accuracy, norm_accuracy):
     batches, options = stream
     kwargs = {}
-    if name == "eata":
+    if name in ("eata", "eata_c"):
         images, _ = load_digits_split("train")
         kwargs["fisher_data"] = images[torch.randperm(len(images), generator=torch.Generator().manual_seed(0))]
     method = methods.build(name, load_classifier("digits_cnn"), batch_size=64, **kwargs)

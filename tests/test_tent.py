@@ -44,8 +44,8 @@ def test_one_tent_step_matches_hand_derivation(spec):
     bn = {f"{m}.{p}" for m, mod in method.model.net.named_modules() if isinstance(mod, nn.BatchNorm2d)
           for p in ("weight", "bias")}
     assert set(method.param_names) == bn
-    for n, p in method.model.net.named_parameters():
-        assert torch.equal(p.detach(), before[n]) != (n in bn), n
+    moved = {n for n, p in method.model.net.named_parameters() if not torch.equal(p.detach(), before[n])}
+    assert moved and moved <= bn, moved - bn  # (timm zero-initialises some BN weights: their branch gets no gradient)
     stats = method.stats()["counters"]
     assert stats["steps"] == 1 and stats["kept"] == 16 and stats["forwards"] == 1
 

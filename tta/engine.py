@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import contextlib
 import time
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable, Mapping
 
 import torch
 from torch import nn
 
-from .data.stream import Batch, OrderHash
+from .checkpoint import RunProgress
+from .data.stream import Batch
 from .metrics import DomainMetrics, SelectionMetrics, mean_over_domains, selection_summary
 from .methods import Method
 
@@ -67,6 +68,9 @@ def run(
     log_every: int = 10,
     open_set: bool = False,
     check_label_range: bool = True,
+    resume: Mapping[str, Any] | None = None,
+    checkpoint: Callable[[dict[str, Any]], None] | None = None,
+    checkpoint_every: int = 0,
 ) -> dict[str, Any]:
     """Adapt ``method`` online over ``stream`` and return results, counters and timings.
 
@@ -75,6 +79,10 @@ def run(
         reset_each_domain: reset the method when the domain changes (``reset_each_shift``);
             ``False`` adapts continually.
         amp: bf16 autocast; channels_last / compile: speed options.
+        checkpoint: called with the run's progress (:meth:`tta.checkpoint.RunProgress.state_dict`)
+            every ``checkpoint_every`` batches (0: never) and at the end of every domain.
+        resume: such a progress: continue from there (metrics, order hash, stream position and
+            wall time so far; the caller restores the method's state and the RNG states).
     """
     device = torch.device(device) if device is not None else next(method.parameters()).device
     method.prepare(device=device, channels_last=channels_last, compile=compile)
@@ -82,25 +90,27 @@ def run(
         source_model.to(device).eval().requires_grad_(False)
         if channels_last:
             source_model.to(memory_format=torch.channels_last)
-    metrics: dict[str, DomainMetrics] = {}
+    tracker = RunProgress(device, resume, checkpoint=checkpoint, every=checkpoint_every)
+    metrics: dict[str, DomainMetrics] = tracker.metrics
     # selection diagnostics: methods that learn from the samples of a batch (not the per-image view family)
     track_selection = bool(getattr(method, "learns", False)) and getattr(method, "policy_level", "") == "samples"
-    selection: dict[str, SelectionMetrics] = {}
-    order = OrderHash()
+    selection: dict[str, SelectionMetrics] = tracker.selection
+    order = tracker.order
     total = len(stream) if hasattr(stream, "__len__") else None
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=total, desc=method.name, unit="batch", dynamic_ncols=True)
+        bar = tqdm(total=total, initial=tracker.position, desc=method.name, unit="batch", dynamic_ncols=True)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
-    current = None
-    for i, batch in enumerate(stream):
+    current = tracker.current
+    for i, batch in enumerate(tracker.batches(stream), start=tracker.done):
         if check_label_range and batch.labels.device.type == "cpu":
             check_labels(batch.labels, method.num_classes, open_set)
         if batch.domain != current:
+            tracker.domain_end(stream, current)
             if current is not None and reset_each_domain:
                 method.reset()
             current = batch.domain
@@ -120,13 +130,15 @@ def run(
         if track_selection:  # the method's stage masks of this batch, on the device
             stages = method.__dict__.pop("last_selection", None) or {}
             selection.setdefault(current, SelectionMetrics(device)).update(stages, logits, labels)
+        tracker.batch_done(stream, current)  # the stream position; a checkpoint every ``checkpoint_every``
         if bar is not None:
             bar.update(1)
             if (i + 1) % log_every == 0:
                 bar.set_postfix(domain=current, acc=f"{metrics[current].running_accuracy():.3f}")
+    tracker.domain_end(stream, current)  # the last domain's end
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    wall = time.perf_counter() - start
+    wall = tracker.wall_before + time.perf_counter() - start  # earlier sessions of a resumed run included
     if bar is not None:
         bar.close()
     domains = {name: m.result() for name, m in metrics.items()}

@@ -12,11 +12,14 @@ state for ``tta.adapt(..., guard=...)``)::
 
 The signal, after every call (from the logits the call returned):
 
-* ``p_t``: the batch's mean predicted distribution; ``q <- momentum * q + (1 - momentum) * p_t``
-  (EMA, started at the first batch after a reset);
+* ``h_t``: the batch's predicted-class histogram (the share of its predictions, ``argmax``, per
+  class); ``q <- momentum * q + (1 - momentum) * h_t`` (an EMA, started at the first batch after a
+  reset);
 * the **effective number of predicted classes** ``exp(H(q))``: ``C`` for predictions spread
-  over all classes, 1 when every prediction is the same class. Below ``min_effective_classes``
-  (default ``sqrt(C)``), after at least ``warmup`` batches since the last reset, the guard resets;
+  evenly over all classes, 1 when every prediction is the same class. Below
+  ``min_effective_classes`` (default ``sqrt(C)``), after at least ``warmup`` batches since the last
+  reset, the guard resets. (Hard predictions, not the mean softmax: a model whose predictions are
+  all the same class but unconfident has collapsed too.);
 * optionally (``min_entropy``, in nats; off by default) an EMA of the mean per-sample entropy:
   below it, predictions have become overconfident (SAR's signal, there on its filtered loss).
 
@@ -136,8 +139,10 @@ class CollapseGuard(nn.Module):
         crossed a threshold. Returns the device bool "reset now"."""
         log_p = logits.detach().float().log_softmax(dim=-1).reshape(-1, logits.shape[-1])
         p = log_p.exp()
-        batch_mean = p.mean(dim=0)
-        batch_entropy = -(p * log_p).sum(dim=-1).mean()
+        predicted = log_p.argmax(dim=-1)
+        batch_mean = torch.zeros_like(self.mean_prediction).index_add_(  # exact counts; bincount would sync
+            0, predicted, torch.ones_like(predicted, dtype=torch.float32)) / predicted.numel()
+        batch_entropy = -(p * log_p.clamp_min(-1e4)).sum(dim=-1).mean()
         first = self.since_reset == 0
         m = self.momentum
         self.mean_prediction.copy_(torch.where(first, batch_mean, m * self.mean_prediction + (1 - m) * batch_mean))

@@ -48,8 +48,33 @@ def build_record(*, config: dict[str, Any], model_info: dict[str, Any], method_h
     }
 
 
+def failed_record(*, config: dict[str, Any], error: BaseException, wall_time_s: float,
+                  checkpoint: bool = False) -> dict[str, Any]:
+    """``run.json`` of a run that failed: ``"status": "failed"``, the error's type and message, the
+    configuration and versions (``tta.report`` lists it among the runs that did not finish).
+    ``checkpoint``: a checkpoint is left in the folder (``resume=true`` continues from it)."""
+    import traceback
+
+    return {
+        "status": "failed",
+        "error": {"type": type(error).__name__, "message": str(error),
+                  "traceback": "".join(traceback.format_exception(type(error), error, error.__traceback__))[-20000:]},
+        "config": config,
+        "versions": library_versions(),
+        "wall_time_s": wall_time_s,
+        "checkpoint_left": bool(checkpoint),
+    }
+
+
 def write_json(path: Path, record: dict[str, Any]) -> None:
-    path.write_text(json.dumps(record, indent=2, default=str) + "\n")
+    """Write ``record`` as JSON atomically (a temporary file, then a rename): a reader never sees
+    half a record, and a run killed while writing leaves the previous file."""
+    import os
+
+    path = Path(path)
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    partial.write_text(json.dumps(record, indent=2, default=str) + "\n")
+    os.replace(partial, path)
 
 
 def read_json(path: Path) -> dict[str, Any]:

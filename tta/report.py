@@ -1,9 +1,15 @@
 """Tables and figures from run records, and the merge of a sweep.
 
-    python -m tta.report <sweep dir or run dirs...> [--out DIR] [--metric accuracy]
+    python -m tta.report <sweep dir or run dirs...> [--out DIR] [--metric accuracy] [--pivot setting,model]
 
-finds every ``run.json`` below the given folders and writes one table (methods/policies x domains,
-mean last) as ``report.md``, and a bar chart of the means as ``report.png``.
+finds every ``run.json`` below the given folders and writes ``report.md``: one table (runs x domains,
+mean last), a table of what each learning method learned from (the fraction of samples its
+selection kept and the precision of their pseudo-labels, stage by stage), and with ``--pivot`` a
+matrix of the mean (rows: methods, columns: the values of the pivot keys). Runs that differ only in
+their seed are one row: mean ± sample standard deviation over the seeds, the number of seeds, the
+best value of each column in bold and ``≈`` on values within the seed spread of the best
+(:mod:`tta.aggregate`). Figures: ``report.png`` (the mean per row) and ``selection.png``
+(precision of the learned-from samples against the fraction kept, per method).
 """
 from __future__ import annotations
 
@@ -11,6 +17,7 @@ import argparse
 from pathlib import Path
 from typing import Any, Sequence
 
+from .aggregate import Cell, Stat, group_cells, marks
 from .record import read_json
 
 
@@ -80,45 +87,153 @@ def find_runs(paths: Sequence[Path]) -> list[Path]:
         if path.is_file() and path.name == "run.json":
             found.append(path)
         elif path.is_dir():
-            found.extend(sorted(path.rglob("run.json")))
+            found.extend(sorted(path.rglob("run.json"), key=_natural))
     if not found:
         raise FileNotFoundError(f"no run.json found under {', '.join(map(str, paths))}")
     return found
 
 
+def _natural(path: Path) -> list[Any]:
+    """Sort key: numbers as numbers (a sweep's job 10 after job 9)."""
+    import re
+
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", str(path))]
+
+
+def _pct0(value: float | None) -> str:
+    return "–" if value is None else f"{100 * value:.0f}"
+
+
+def _has_seeds(cells: Sequence[Cell]) -> bool:
+    return any(len(c.records) > 1 for c in cells)
+
+
+def _marked(stats: list[Stat], groups: list[str], seeds: bool, higher: bool = True) -> list[str]:
+    """Each stat formatted; with seeds, the best of each group in bold and ``≈`` within its spread."""
+    texts = [s.format() for s in stats]
+    if not seeds:
+        return texts
+    for group in dict.fromkeys(groups):
+        members = [i for i, g in enumerate(groups) if g == group]
+        for i, mark in zip(members, marks([stats[i] for i in members], higher_is_better=higher)):
+            if mark == "best":
+                texts[i] = f"**{texts[i]}**"
+            elif mark == "tie":
+                texts[i] = f"{texts[i]} ≈"
+    return texts
+
+
+def _group_of(cell: Cell, skip: Sequence[str] = ()) -> str:
+    """Cells compared with each other: those that differ only in the method (and the ``skip`` keys)."""
+    return repr(sorted((k, str(v)) for k, v in cell.descriptor.items() if k != "method" and k not in skip))
+
+
+SEED_LEGEND = ("mean ± sample standard deviation over the seeds; **bold**: the best in its column among rows that "
+               "differ only in the method; ≈: differs from that best by no more than the larger of the two standard "
+               "deviations (the seeds cannot tell them apart)")
+
+
 def sweep_table(records: list[dict[str, Any]], metric: str = "accuracy") -> str:
-    """Markdown: one row per run, one column per domain, then the mean; first row the source model."""
+    """Markdown: one row per configuration, one column per domain, then the mean; first row the source
+    model. Runs that differ only in their seed share a row (mean ± std, a ``seeds`` column, marks)."""
     domains: list[str] = []
     for record in records:
         for name in record["results"]["domains"]:
             if name not in domains:
                 domains.append(name)
+    cells, _ = group_cells(records)
+    seeds = _has_seeds(cells)
     short = [d.split("/")[0] for d in domains]
-    header = "| run | " + " | ".join(short) + " | mean |"
-    rows = [header, "|---|" + "---:|" * (len(domains) + 1)]
-    first = records[0]["results"]
+    header = "| run | " + " | ".join(short) + " | mean |" + (" seeds |" if seeds else "")
+    rows = [header, "|---|" + "---:|" * (len(domains) + 1 + seeds)]
+    first = cells[0]
     has_source_run = any(record.get("method", {}).get("method") == "source" for record in records)
-    if metric == "accuracy" and "source_accuracy" in first["mean"] and not has_source_run:
-        cells = [_pct(first["domains"].get(d, {}).get("source_accuracy")) for d in domains]
-        rows.append("| source | " + " | ".join(cells) + f" | {_pct(first['mean']['source_accuracy'])} |")
-    for record in records:
-        res = record["results"]
-        cells = [_pct(res["domains"].get(d, {}).get(metric)) for d in domains]
-        rows.append(f"| {run_label(record)} | " + " | ".join(cells) + f" | {_pct(res['mean'].get(metric))} |")
+    if metric == "accuracy" and "source_accuracy" in records[0]["results"]["mean"] and not has_source_run:
+        texts = [first.metric("source_accuracy", d).format() for d in domains]
+        texts.append(first.metric("source_accuracy").format())
+        rows.append("| source | " + " | ".join(texts) + " |" + (f" {len(first.records)} |" if seeds else ""))
+    groups = [_group_of(c) for c in cells]
+    columns = [_marked([c.metric(metric, domain) for c in cells], groups, seeds, higher=metric == "accuracy")
+               for domain in [*domains, None]]
+    for i, cell in enumerate(cells):
+        row = f"| {cell.label} | " + " | ".join(col[i] for col in columns) + " |"
+        rows.append(row + (f" {len(cell.records)} |" if seeds else ""))
+    return "\n".join(rows) + (f"\n\n{SEED_LEGEND}" if seeds else "")
+
+
+def selection_table(records: list[dict[str, Any]]) -> str:
+    """Markdown: per learning configuration, the percentage of samples it learned from (``kept %``),
+    the precision of their pseudo-labels, the accuracy on the samples it dropped, and the kept
+    percentage after each selection stage (pooled over domains; mean ± std over seeds)."""
+    cells, _ = group_cells(records)
+    cells = [c for c in cells if c.learns]
+    if not cells:
+        return ""
+    seeds = _has_seeds(cells)
+    rows = ["| run | kept % | precision | dropped, accuracy | kept % after each stage |" + (" seeds |" if seeds else ""),
+            "|---|---:|---:|---:|---|" + ("---:|" if seeds else "")]
+    for cell in cells:
+        stages = " → ".join(f"{k} {cell.selection('kept_frac', stage=k).format()}" for k in cell.stages) or "(every sample)"
+        row = (f"| {cell.label} | {cell.selection('kept_frac').format()} | {cell.selection('precision').format()} | "
+               f"{cell.selection('dropped_accuracy').format()} | {stages} |")
+        rows.append(row + (f" {len(cell.records)} |" if seeds else ""))
     return "\n".join(rows)
 
 
+def pivot_table(records: list[dict[str, Any]], columns: Sequence[str], metric: str = "accuracy") -> str:
+    """Markdown matrix: rows = configurations without the ``columns`` keys (e.g. methods), columns = the
+    values of ``columns`` (e.g. ``setting``, ``model``); each entry the mean ``metric`` over domains
+    (mean ± std over seeds), then, for learning methods, ``kept % / precision`` of the learned-from samples."""
+    cells, keys = group_cells(records)
+    unknown = [k for k in columns if k not in keys]
+    if unknown:
+        raise ValueError(f"pivot keys {unknown} do not vary in these runs; keys that do: {', '.join(keys) or 'none'}")
+    col_values: list[tuple[str, ...]] = []
+    row_values: list[tuple[str, ...]] = []
+    table: dict[tuple[tuple[str, ...], tuple[str, ...]], Cell] = {}
+    for cell in cells:
+        col = tuple(str(cell.descriptor.get(k)) for k in columns)
+        row = (cell.descriptor["method"],) + tuple(f"{k}={cell.descriptor.get(k)}" for k in keys if k not in columns)
+        col_values += [col] if col not in col_values else []
+        row_values += [row] if row not in row_values else []
+        table[(row, col)] = cell
+    row_values.sort(key=lambda r: r[1:])  # stable: methods keep their order within each group of other keys
+    seeds = _has_seeds(cells)
+    texts: dict[tuple[tuple[str, ...], tuple[str, ...]], str] = {}
+    for col in col_values:
+        present = [r for r in row_values if (r, col) in table]
+        stats = [table[(r, col)].metric(metric) for r in present]
+        marked = _marked(stats, [repr(r[1:]) for r in present], seeds, higher=metric == "accuracy")
+        for r, text in zip(present, marked):
+            cell = table[(r, col)]
+            if cell.learns:
+                kept, precision = cell.selection("kept_frac").mean, cell.selection("precision").mean
+                text += f" · {_pct0(kept)}/{_pct0(precision)}"
+            texts[(r, col)] = text
+    header = "| run | " + " | ".join(" · ".join(c) for c in col_values) + " |"
+    rows = [header, "|---|" + "---:|" * len(col_values)]
+    for r in row_values:
+        rows.append(f"| {' · '.join(r)} | " + " | ".join(texts.get((r, c), "–") for c in col_values) + " |")
+    legend = (f"each entry: mean {metric} (%) over domains" + (" (" + SEED_LEGEND + ")" if seeds else "")
+              + "; for learning methods then · kept % / precision % of the samples learned from (means over seeds)")
+    return "\n".join(rows) + "\n\n" + legend
+
+
 def sweep_chart(records: list[dict[str, Any]], path: Path, metric: str = "accuracy") -> None:
-    """One bar per run: the mean of ``metric`` over domains (with the source model first)."""
+    """One bar per configuration: the mean of ``metric`` over domains (error bars: std over seeds),
+    with the source model as a dashed line."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = [run_label(r) for r in records]
-    values = [100 * r["results"]["mean"].get(metric, float("nan")) for r in records]
-    fig, ax = plt.subplots(figsize=(max(5.0, 0.7 * len(labels)), 3.6))
-    ax.bar(range(len(labels)), values, color="#1f77b4")
+    cells, _ = group_cells(records)
+    labels = [c.label for c in cells]
+    stats = [c.metric(metric) for c in cells]
+    values = [float("nan") if s.mean is None else 100 * s.mean for s in stats]
+    errors = [0.0 if s.std is None else 100 * s.std for s in stats]
+    fig, ax = plt.subplots(figsize=(min(40.0, max(5.0, 0.45 * len(labels))), 4.0))
+    ax.bar(range(len(labels)), values, yerr=errors if any(errors) else None, color="#1f77b4", capsize=2)
     first = records[0]["results"]["mean"]
     if metric == "accuracy" and "source_accuracy" in first:
         ax.axhline(100 * first["source_accuracy"], color="#9aa5b1", linestyle="--", label="source")
@@ -130,21 +245,85 @@ def sweep_chart(records: list[dict[str, Any]], path: Path, metric: str = "accura
     plt.close(fig)
 
 
+def selection_chart(records: list[dict[str, Any]], path: Path) -> bool:
+    """Per learning configuration: the precision of the samples it learned from against the fraction
+    of samples kept (pooled over domains; mean over seeds, error bars: std). One colour per method,
+    one panel per model when the runs use several. Returns ``False`` (no file) when no run learned."""
+    cells, keys = group_cells(records)
+    cells = [c for c in cells if c.learns]
+    if not cells:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = list(dict.fromkeys(str(c.descriptor.get("model")) for c in cells)) if "model" in keys else [None]
+    methods = list(dict.fromkeys(c.descriptor["method"] for c in cells))
+    settings = list(dict.fromkeys(str(c.descriptor.get("setting")) for c in cells)) if "setting" in keys else [None]
+    colours = plt.get_cmap("tab10")
+    shapes = "osD^vP*Xh<>"
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels) + 1.6, 4.2), squeeze=False, sharey=True)
+    for ax, panel in zip(axes[0], panels):
+        for cell in cells:
+            if panel is not None and str(cell.descriptor.get("model")) != panel:
+                continue
+            kept, precision = cell.selection("kept_frac"), cell.selection("precision")
+            if kept.mean is None or precision.mean is None:
+                continue
+            m = methods.index(cell.descriptor["method"])
+            shape = shapes[settings.index(str(cell.descriptor.get("setting"))) % len(shapes)] if settings != [None] else "o"
+            ax.errorbar(100 * kept.mean, 100 * precision.mean, xerr=None if kept.std is None else 100 * kept.std,
+                        yerr=None if precision.std is None else 100 * precision.std, fmt=shape, color=colours(m % 10),
+                        markersize=6, capsize=2, alpha=0.85)
+        ax.set_xscale("symlog", linthresh=1.0)
+        ax.set_xlim(0, 100)
+        ax.set_ylim(0, 100)
+        ax.set_xlabel("samples learned from (%)")
+        ax.set_title(panel or "", fontsize=9)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("precision of their pseudo-labels (%)")
+    handles = [plt.Line2D([], [], color=colours(i % 10), marker="o", linestyle="", label=m) for i, m in enumerate(methods)]
+    if settings != [None]:
+        handles += [plt.Line2D([], [], color="#555555", marker=shapes[i % len(shapes)], linestyle="", label=s)
+                    for i, s in enumerate(settings)]
+    fig.legend(handles=handles, loc="center right", fontsize=7, frameon=False)
+    fig.tight_layout(rect=(0, 0, 1 - 1.5 / fig.get_figwidth(), 1))
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def report_text(records: list[dict[str, Any]], metric: str = "accuracy", pivot: Sequence[str] = ()) -> str:
+    """The whole ``report.md``: the sweep table, the pivot matrix (``pivot`` keys) and the selection table."""
+    parts = [sweep_table(records, metric)]
+    if pivot:
+        parts.append(f"## {metric} by {', '.join(pivot)}\n\n" + pivot_table(records, pivot, metric))
+    selection = selection_table(records)
+    if selection:
+        parts.append("## what each method learned from (pooled over domains)\n\n" + selection)
+    return "\n\n".join(parts)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m tta.report", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("paths", nargs="+", type=Path, help="sweep folders, run folders or run.json files")
     parser.add_argument("--out", type=Path, default=None, help="where to write report.md/.png (default: first path)")
     parser.add_argument("--metric", default="accuracy", choices=["accuracy", "ece", "nll"])
+    parser.add_argument("--pivot", default="", help="comma-separated keys whose values become the columns of a "
+                        "matrix, e.g. setting,model (rows: the methods)")
     args = parser.parse_args(argv)
     records = [read_json(p) for p in find_runs(args.paths)]
-    table = sweep_table(records, args.metric)
+    pivot = [k for k in args.pivot.split(",") if k]
+    table = report_text(records, args.metric, pivot)
     out = args.out or (args.paths[0] if args.paths[0].is_dir() else args.paths[0].parent)
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.md").write_text(table + "\n")
     sweep_chart(records, out / "report.png", args.metric)
+    figures = [out / "report.png"] + ([out / "selection.png"] if selection_chart(records, out / "selection.png") else [])
     print(table)
-    print(f"\nwrote {out / 'report.md'} and {out / 'report.png'}")
+    print(f"\nwrote {out / 'report.md'} and {' and '.join(str(f) for f in figures)}")
 
 
 if __name__ == "__main__":

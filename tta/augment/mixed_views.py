@@ -45,8 +45,8 @@ def preprocess_tag(preprocess: Any) -> str:
     """``""`` for an image used as decoded, else ``"@resize224-crop224-bicubic"``-style."""
     if preprocess is None:
         return ""
-    resize, crop = getattr(preprocess, "resize", None), getattr(preprocess, "crop", None)
-    if resize is None and crop is None:
+    resize, crop = getattr(preprocess, "resize", None) or None, getattr(preprocess, "crop", None) or None
+    if resize is None and crop is None:  # 0 / None: the image as decoded
         return ""
     parts = [f"resize{resize}" if resize is not None else None, f"crop{crop}" if crop is not None else None,
              getattr(preprocess, "interpolation", None) if resize is not None else None]

@@ -17,6 +17,12 @@ model: CPU decoding in DataLoader worker processes (``num_workers``) or a backgr
 decoding (nvJPEG) and corruption synthesis on a side CUDA stream in that thread, ``prefetch``
 batches deep, so the model never waits for the CPU when the CPU keeps up.
 
+Resuming: the plan is fixed up front and every image is corrupted by its own seed, so a stream can
+start at any batch number (``stream.iterate(start_batch=k)``; ``Batch.number`` is each batch's
+number) and yields exactly the batches an uninterrupted iteration yields from there, without
+reading the earlier ones. ``state_dict()`` / ``load_state_dict()`` carry that position and the
+bad-image record (which counts only batches handed to the caller, not those loaded ahead).
+
 Sample ids: ``ids = code(part) << 32 | index``, where ``index`` is the sample's index in its source
 and ``code`` a stable 31-bit hash of the part's name (``"gaussian_noise/5"``, ``"clean"``,
 ``"ood:noise/gaussian_noise/5"``). They are unique per domain and sample, identical across settings
@@ -216,6 +222,7 @@ class Stream:
         self.start_batch = 0  # where iteration starts (load_state_dict sets it to resume)
         self.next_batch = 0  # the plan number after the last batch handed out (state_dict)
         self.segments = self._cut(list(segments))
+        self._plan_hash: str | None = None
         for segment in self.segments:
             if len(segment) and (segment.part.min() < 0 or segment.part.max() >= len(self.parts)):
                 raise ValueError(f"segment {segment.name!r} refers to a part that does not exist")
@@ -255,10 +262,12 @@ class Stream:
 
     def plan_hash(self) -> str:
         """Hash of the planned order (names and ids), known before the run."""
-        order = OrderHash()
-        for segment in self.segments:
-            order.update(segment.name, torch.from_numpy(self._ids(segment.part, segment.index)))
-        return order.hexdigest()
+        if self._plan_hash is None:
+            order = OrderHash()
+            for segment in self.segments:
+                order.update(segment.name, torch.from_numpy(self._ids(segment.part, segment.index)))
+            self._plan_hash = order.hexdigest()
+        return self._plan_hash
 
     # -- loading ------------------------------------------------------------------------------
 

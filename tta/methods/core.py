@@ -37,6 +37,7 @@ from ..objectives.update import GuardedStep
 from ..policies import POLICIES, BatchContext, Policy, build as build_policy, check_compatible
 from .inputs import RunInput
 from .lr_rule import model_family, niu_learning_rate
+from .speed import SpeedOptions, resolve as resolve_speed
 from .registry import METHODS
 
 NONFINITE_MODES = ("raise", "skip")
@@ -424,15 +425,43 @@ class Method(nn.Module):
         """The classifiers this method runs (the adapted one, plus any frozen copy a family keeps)."""
         return [self.model]
 
-    def prepare(self, *, device: torch.device | str, channels_last: bool = False, compile: bool = False) -> "Method":
-        """Move to ``device`` and apply the speed options to every network the method runs."""
-        self.to(device)
-        for model in self.networks():  # a frozen copy gets the same kernels, so first-batch ties stay exact
-            if channels_last:
+    #: the speed options in use (:mod:`tta.methods.speed`; set by :meth:`prepare`)
+    speed: SpeedOptions = SpeedOptions()
+
+    def prepare(self, *, device: torch.device | str | None = None, channels_last: bool = False, compile: bool = False,
+                amp: bool = False, fast: bool = False, compile_mode: str | None = None) -> "Method":
+        """Move to ``device`` (``None``: stay) and apply the speed options (:mod:`tta.methods.speed`).
+
+        ``fast=True``: bf16 autocast, channels_last for CNNs and a compiled step. ``amp``: every call
+        of the method runs under bf16 autocast. ``channels_last``: every network the method runs
+        (a frozen copy gets the same kernels, so first-batch ties stay exact). ``compile``:
+        :meth:`compile_step`. Returns the method.
+        """
+        options = resolve_speed(self.model.net, fast=fast, amp=amp, channels_last=channels_last, compile=compile,
+                                compile_mode=compile_mode)
+        if device is not None:
+            self.to(device)
+        if options.channels_last:
+            for model in self.networks():
                 model.to(memory_format=torch.channels_last)
-            if compile:
-                model.net.compile()
+        if options.compile and not self.speed.compile:
+            self.compile_step(options.compile_mode)
+        self.speed = options
         return self
+
+    def compile_step(self, mode: str | None = None) -> None:
+        """``torch.compile`` what runs per batch (default: every network, in place); a family compiles
+        its whole step (:meth:`tta.methods.batch.BatchMethod.compile_step`)."""
+        for model in self.networks():
+            model.net.compile(mode=mode)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """``forward``, under bf16 autocast when the method was prepared with ``amp``/``fast``."""
+        if not self.speed.amp:
+            return super().__call__(*args, **kwargs)
+        x = args[0] if args else next(iter(kwargs.values()))
+        with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16):
+            return super().__call__(*args, **kwargs)
 
     # ------------------------------------------------------------------ state
     def _capture_state(self) -> dict[str, Any]:

@@ -33,7 +33,7 @@ Notes:
   relative to the dataset root for an unmodified image file, as ``scripts/generate_diffusion_views.py``
   names them. On the command line ``augment.diffusion.*`` configures the source (default: the
   official ``lambdalabs/sd-image-variations-diffusers`` v2.0, 50 steps, guidance 3).
-* For the official protocol, run on the full-resolution images (``data.resize=null data.crop=null
+* For the official protocol, run on the full-resolution images (``data.resize=0 data.crop=0
   batch_size=1``): the crops are then cut from the original file and the diffusion views conditioned
   on it; with the default 224 stream both come from the stream's image (TPT's documented deviation).
 * DiffTPT's evaluation runs on 1,000-image subsets: ``data.subset=1000`` (seeded, recorded).

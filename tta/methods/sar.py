@@ -12,6 +12,7 @@ import torch
 
 from ..objectives import shannon_entropy, weighted_mean
 from ..objectives.sam import SAMPerturbation
+from ..objectives.update import select_
 from ..policies import EntropyMargin, Policy
 from .batch import BatchMethod
 from .registry import register
@@ -131,8 +132,7 @@ class SAR(BatchMethod):
     def _recover(self, flag: torch.Tensor) -> None:
         """Reset model and optimizer where ``flag`` (a device bool), without a host sync."""
         params = self.adapted_parameters()
-        weight = flag.to(torch.float32)
-        torch._foreach_lerp_(params, [self._buffers[f"initial_{i}"] for i in range(len(params))], weight)
+        select_(params, [self._buffers[f"initial_{i}"] for i in range(len(params))], flag)
         state = ([v for p in params for v in self.optimizer.state[p].values() if torch.is_tensor(v)]
                  if self.reset_momentum_on_recovery else [])
         if state:  # fresh optimizer state = zeros (GuardedStep primes it that way)

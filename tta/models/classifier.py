@@ -259,11 +259,12 @@ def module_normalization(net: nn.Module) -> tuple[tuple, tuple, str]:
 def module_built(net: nn.Module, spec: str, source: str, weights: str) -> Built:
     """A :class:`Built` for a network that comes without a config (a module, ``py:``, a pickled file)."""
     mean, std, origin = module_normalization(net)
-    cfg = getattr(net, "pretrained_cfg", None) or {}
-    size = cfg.get("input_size") if isinstance(cfg, dict) else None
-    info = ModelInfo(spec, source, weights, mean, std, tuple(size[-2:]) if size else None,
-                     normalization_source=origin, crop_pct=cfg.get("crop_pct") if isinstance(cfg, dict) else None)
-    return Built(net, info, fixed_input_size=hasattr(net, "patch_embed"))
+    cfg = getattr(net, "pretrained_cfg", None)
+    cfg = cfg if isinstance(cfg, dict) else {}
+    size = getattr(getattr(net, "patch_embed", None), "img_size", None) or cfg.get("input_size")
+    size = (size, size) if isinstance(size, int) else (tuple(int(v) for v in size[-2:]) if size else None)
+    info = ModelInfo(spec, source, weights, mean, std, size, normalization_source=origin, crop_pct=cfg.get("crop_pct"))
+    return Built(net, info)  # a module is called on the images as they come (no resizing)
 
 
 # ------------------------------------------------------------------------------------ shared helpers

@@ -2,15 +2,24 @@
 
 ``GuardedStep(optimizer)(loss, ok)`` backpropagates ``loss`` and steps, then undoes the step on the
 device when ``ok`` is false or when the loss or a gradient is not finite. Nothing waits for the GPU:
-the decision is a tensor, and the undo is a ``lerp`` between the stepped state and a snapshot
-(weight 0 or 1, which reproduces either side exactly). Skipping a step this way is equivalent to
-not calling ``optimizer.step()`` at all, as EATA/DeYO do on an empty selection: the optimizer state
-is primed with zeros before the first step (SGD momentum buffers, Adam moments and step counters), which gives
-the same first update as lazily created state, and the snapshot covers that state too.
+the decision is a tensor, and the undo is an exact blend between the stepped state and a snapshot
+(``x * keep + snapshot * undo`` with ``keep``/``undo`` a 0/1 device scalar: either side is reproduced
+bit for bit, and ``torch._foreach`` kernels take the scalar as a tensor, so no value is read on the
+host). Skipping a step this way is equivalent to not calling ``optimizer.step()`` at all, as
+EATA/DeYO do on an empty selection: the optimizer state is primed with zeros before the first step
+(SGD momentum buffers, Adam moments and step counters), which gives the same first update as lazily
+created state, and the snapshot covers that state too.
+
+The step is written so that ``torch.compile`` traces it without recompiling per batch: the
+optimizer state is primed (and the snapshot buffers allocated) eagerly by :meth:`GuardedStep.prime`,
+which callers run outside a compiled region, so a compiled step sees the same Python state on every
+batch.
 
 Optimizers other than SGD/Adam/AdamW fall back to a host-side check (one sync per batch).
 """
 from __future__ import annotations
+
+from typing import Sequence
 
 import torch
 
@@ -37,6 +46,38 @@ def _prime_state(optimizer: torch.optim.Optimizer) -> None:
                     state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
 
+def _by_device(tensors: Sequence[torch.Tensor]) -> dict[torch.device, list[int]]:
+    groups: dict[torch.device, list[int]] = {}
+    for i, t in enumerate(tensors):
+        groups.setdefault(t.device, []).append(i)
+    return groups
+
+
+@torch.no_grad()
+def select_(tensors: Sequence[torch.Tensor], others: Sequence[torch.Tensor], take_other: torch.Tensor) -> None:
+    """``tensors[i] <- others[i]`` where the 0-dim bool ``take_other`` is true, else unchanged; in place,
+    exact (``t * keep + o * take`` with 0/1 scalars) and without a host sync (the foreach kernels take
+    the scalar as a device tensor; ``torch._foreach_lerp_`` with a tensor weight reads it on the host).
+
+    As a ``lerp``, a non-finite entry on the side not taken still turns the result into NaN
+    (``inf * 0``); the guarded step zeroes non-finite gradients first, so the stepped state is finite.
+    """
+    for device, idx in _by_device(tensors).items():
+        flag = take_other.to(device=device)
+        current = [tensors[i] for i in idx]
+        source = [others[i] if others[i].dtype == current[k].dtype else others[i].to(current[k].dtype)
+                  for k, i in enumerate(idx)]
+        float_idx = [k for k, t in enumerate(current) if t.is_floating_point()]
+        other_idx = [k for k, t in enumerate(current) if not t.is_floating_point()]
+        if float_idx:
+            cur = [current[k] for k in float_idx]
+            keep, take = (~flag).to(cur[0].dtype), flag.to(cur[0].dtype)
+            torch._foreach_mul_(cur, keep)
+            torch._foreach_add_(cur, torch._foreach_mul([source[k] for k in float_idx], take))
+        for k in other_idx:  # integer state (none in SGD/Adam/AdamW): one ``where`` each
+            current[k].copy_(torch.where(flag, source[k], current[k]))
+
+
 class GuardedStep:
     """``loss.backward(); optimizer.step(); optimizer.zero_grad()``, undone unless ``ok``."""
 
@@ -44,12 +85,32 @@ class GuardedStep:
         self.optimizer = optimizer
         self.params = [p for g in optimizer.param_groups for p in g["params"]]
         self.device_side = isinstance(optimizer, _PRIMABLE)
+        self._snapshot: list[torch.Tensor] | None = None
 
     def _state_tensors(self) -> list[torch.Tensor]:
         tensors = list(self.params)
         for p in self.params:
             tensors.extend(v for v in self.optimizer.state[p].values() if torch.is_tensor(v))
         return tensors
+
+    def prime(self) -> None:
+        """Create the optimizer state (zeros) for parameters that have none, on their current device.
+
+        Cheap when nothing is missing; run it outside a compiled region (``Method`` does before each
+        batch) so that a compiled step never sees the state change."""
+        if self.device_side and len(self.optimizer.state) < len(self.params):
+            _prime_state(self.optimizer)
+
+    def _snapshot_of(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Copy ``tensors`` into persistent snapshot buffers (one multi-tensor copy, reallocated only
+        when a tensor's shape, dtype or device changes)."""
+        snap = self._snapshot
+        if snap is None or len(snap) != len(tensors) or any(
+                s.shape != t.shape or s.dtype != t.dtype or s.device != t.device for s, t in zip(snap, tensors)):
+            snap = self._snapshot = [torch.empty_like(t) for t in tensors]
+        with torch.no_grad():
+            torch._foreach_copy_(snap, tensors)
+        return snap
 
     def grads_finite(self) -> torch.Tensor:
         grads = [p.grad for p in self.params if p.grad is not None]
@@ -65,24 +126,23 @@ class GuardedStep:
         if loss is not None:
             ok = ok & loss.detach().isfinite()
             loss.backward()
+        ok = self.apply(ok)
+        self.optimizer.zero_grad(set_to_none=True)
+        return ok
+
+    def apply(self, ok: torch.Tensor) -> torch.Tensor:
+        """Step with the gradients already there, undone unless ``ok`` and all gradients are finite.
+        Does not clear the gradients. Returns the boolean tensor "the step was kept"."""
         ok = ok & self.grads_finite()
         for p in self.params:
             if p.grad is not None:
                 p.grad.nan_to_num_(0.0, 0.0, 0.0)
         if self.device_side:
-            _prime_state(self.optimizer)  # here, not at construction: the parameters may have moved since
+            self.prime()  # here too, not only at construction: the parameters may have moved since
             tensors = self._state_tensors()
-            by_device: dict[torch.device, list[int]] = {}
-            for i, t in enumerate(tensors):
-                by_device.setdefault(t.device, []).append(i)
-            snapshot = [t.detach().clone() for t in tensors]
+            snapshot = self._snapshot_of(tensors)
             self.optimizer.step()
-            with torch.no_grad():
-                for device, idx in by_device.items():
-                    undo = (~ok).to(device=device, dtype=torch.float32)
-                    current = [tensors[i] for i in idx]
-                    torch._foreach_lerp_(current, [snapshot[i].to(current[0].dtype) for i in idx], undo)
+            select_(tensors, snapshot, ~ok)
         elif bool(ok):
             self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
         return ok
