@@ -238,3 +238,31 @@ def test_registry_lists_every_form_and_classifier_imports_no_loader():
 def _rgb_net() -> nn.Module:
     return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
                          nn.Flatten(), nn.Linear(4, 5))
+
+
+GREYNET = '''
+import torch.nn as nn
+
+
+def build():
+    return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                         nn.Flatten(), nn.Linear(8, 10))
+'''
+
+
+def test_cli_runs_a_greyscale_model_on_rgb_data_and_records_the_conversion(tmp_path):
+    """A 1-channel model end to end on digits-C (RGB): the stream converts to luma after the corruption and
+    run.json says so; the model's input channels come from its first convolution."""
+    (tmp_path / "greynet.py").write_text(GREYNET)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "tta.run", "model=py:greynet:build", "normalization=[[0.5],[0.5]]",
+           "data.corruptions=[gaussian_noise]", "max_samples=64", "progress=false", f"hydra.run.dir={tmp_path / 'run'}"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    record = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert record["model"]["input_channels"] == 1
+    channels = record["stream"]["channels"]
+    assert channels["model"] == 1
+    assert channels["conversions"]["gaussian_noise/5"]["from"] == 3 and "luma" in channels["conversions"][
+        "gaussian_noise/5"]["method"]
+    assert record["results"]["domains"]["gaussian_noise/5"]["n"] == 64

@@ -382,7 +382,8 @@ def _execute(cfg: dict[str, Any], out_dir: Path, overrides: list[str] | None = N
     def make_stream(shuffle: bool):
         return build_stream(data, setting=dict(cfg["setting"]), severity=cfg.get("severity"), seed=cfg["seed"],
                             batch_size=cfg.get("batch_size"), device=device, shuffle=shuffle,
-                            max_samples=cfg.get("max_samples"), on_bad_image=cfg.get("on_bad_image"))
+                            max_samples=cfg.get("max_samples"), on_bad_image=cfg.get("on_bad_image"),
+                            channels=classifier.input_channels)
 
     stream, engine_options = make_stream(cfg.get("shuffle", True))
     method_class = methods.METHODS.get(method_name)

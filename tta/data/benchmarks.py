@@ -244,7 +244,7 @@ def build_stream(config: dict[str, Any], *, setting: str | dict[str, Any] | None
                  severity: int | list[int] | None = None, seed: int = 0, batch_size: int | None = None,
                  device: torch.device | str = "cpu", shuffle: bool = True, max_samples: int | None = None,
                  on_bad_image: str | None = None, num_workers: int | str | None = None, prefetch: int | None = None,
-                 decode: str | None = None) -> tuple[Stream, dict[str, Any]]:
+                 decode: str | None = None, channels: int | None = None) -> tuple[Stream, dict[str, Any]]:
     """The stream for ``config`` in ``setting`` and the engine options of that setting.
 
     Args:
@@ -253,6 +253,8 @@ def build_stream(config: dict[str, Any], *, setting: str | dict[str, Any] | None
         batch_size: an integer >= 1; ``None``: the setting's (``bs1``: 1), else the config's (64).
         max_samples: cut the stream after this many samples (an integer >= 1; ``None``: all).
         on_bad_image, num_workers, prefetch, decode: default to the data config's entries.
+        channels: the model's input channels (greyscale <-> RGB conversion after any corruption,
+            recorded in ``describe()["channels"]``); ``None``: as the data comes.
 
     A ``batch_size``, ``max_samples`` or ``severity`` that is not a valid number raises ``ValueError``
     before anything is loaded.
@@ -275,7 +277,7 @@ def build_stream(config: dict[str, Any], *, setting: str | dict[str, Any] | None
         size = positive_int(config.get("batch_size", 64), f"{config.get('name', 'data')}: batch_size")
     stream = Stream(plan.parts, plan.segments, batch_size=size, seed=seed, device=device, max_samples=max_samples,
                     info={"dataset": config.get("name", bench.name), **bench.info, **plan.info},
-                    summarize=plan.summarize,
+                    summarize=plan.summarize, channels=channels,
                     **loading_options(config, num_workers=num_workers, prefetch=prefetch, decode=decode,
                                        on_bad_image=on_bad_image))
     engine = {"reset_each_domain": True, "open_set": False, **plan.engine}

@@ -188,6 +188,9 @@ class Stream:
         decode: ``"auto"`` (on the GPU when ``device`` is CUDA), ``"cpu"`` or ``"cuda"``.
         on_bad_image: ``"skip"`` (skip, count and list unreadable files) or ``"fail"``.
         info: extra entries for :meth:`describe` (setting name and options ...).
+        channels: the model's input channels: images are converted after any corruption
+            (greyscale <-> RGB, :mod:`tta.data.channels`) and the conversion is recorded
+            (``describe()["channels"]``); ``None``: as the sources deliver them.
         summarize: ``domains -> results`` (the engine's results part); default: mean over domains.
     """
 
@@ -195,7 +198,8 @@ class Stream:
                  device: torch.device | str = "cpu", max_samples: int | None = None, num_workers: int = 0,
                  prefetch: int = 2, decode: str = "auto", on_bad_image: str = "skip",
                  info: dict[str, Any] | None = None,
-                 summarize: Callable[[dict[str, dict[str, float]]], dict[str, Any]] | None = None):
+                 summarize: Callable[[dict[str, dict[str, float]]], dict[str, Any]] | None = None,
+                 channels: int | None = None):
         batch_size = positive_int(batch_size, "batch_size")
         max_samples = positive_int(max_samples, "max_samples", none_means="the whole stream")
         if on_bad_image not in ON_BAD_IMAGE:
@@ -226,6 +230,17 @@ class Stream:
         for segment in self.segments:
             if len(segment) and (segment.part.min() < 0 or segment.part.max() >= len(self.parts)):
                 raise ValueError(f"segment {segment.name!r} refers to a part that does not exist")
+        self.channels = None if channels is None else positive_int(channels, "channels")
+        self.channel_conversions: dict[str, Any] = {}  # part name -> conversion, for the parts that need one
+        self._convert: set[int] = set()  # indices of those parts
+        if self.channels is not None:
+            from .channels import channel_conversion
+
+            for p, part in enumerate(self.parts):
+                conversion = channel_conversion(getattr(part.source, "channels", 3), self.channels)
+                if conversion is not None:
+                    self.channel_conversions[part.name] = conversion
+                    self._convert.add(p)
         self._batches = [(s, start, min(start + self.batch_size, len(seg)))
                          for s, seg in enumerate(self.segments) for start in range(0, len(seg), self.batch_size)]
 
@@ -308,6 +323,10 @@ class Stream:
                     from .corruptions import corrupt
 
                     images = corrupt(images, domain.corruption, int(domain.severity), seed=self.seed, ids=ids_device)
+            if p in self._convert:  # after the corruption: it sees the data as it is
+                from .channels import convert_channels
+
+                images = convert_channels(images, self.channels)
             if not domain.ood and target_size is None:
                 target_size = tuple(images.shape[-2:])
             outputs.append((kept, images))
@@ -503,6 +522,7 @@ class Stream:
             "num_batches": len(self), "max_samples": self.max_samples, "domains": self.domain_names(),
             "plan_hash": self.plan_hash(), "decode": self.decode, "num_workers": self.num_workers,
             "prefetch": self.prefetch, "on_bad_image": self.on_bad_image,
+            "channels": {"model": self.channels, "conversions": self.channel_conversions},
             "bad_images": {"count": len(bad), "skipped_samples": self.skipped_samples,
                            "skipped_batches": self.skipped_batches,
                            "files": [{"path": b.path, "error": b.error} for b in bad[:MAX_LISTED_BAD_IMAGES]]},
