@@ -1,16 +1,25 @@
-"""Throughput and peak memory of every method: ours beside a plain loop written like the official code.
+"""Throughput and peak memory of every batch method: ours (default), ours fast, and a plain loop
+written like the official code, side by side in one table.
 
-    python scripts/bench_methods.py                                   # CPU: a small model, ~1-2 minutes
-    python scripts/bench_methods.py --device cuda --model resnet50 --batch-size 64
-    python scripts/bench_methods.py --device cuda --model vit_base_patch16_224 --amp --channels-last --compile
+    python scripts/bench_methods.py --fast                             # CPU: a small model
+    python scripts/bench_methods.py --device cuda --model resnet50 --batch-size 64 --fast
+    python scripts/bench_methods.py --device cuda --model vit_base_patch16_224 --fast
 
-For each method both implementations adapt the same random-weight timm model (its head scaled so
+For each method the implementations adapt the same random-weight timm model (its head scaled so
 that about half of the samples pass the 0.4 ln C entropy filter, so the filters do real work) on
 the same random batches, one after the other in this process. The plain loop is what the official
 repositories do: fp32, eager, index lists for the selections, ``.item()`` / ``len()`` on the host,
 a Python loop over all named parameters for EATA's Fisher term, SAM as an optimizer wrapper with
-per-parameter loops, a deep-copied frozen model for wisdom-of-crowds. ``--amp``,
-``--channels-last`` and ``--compile`` apply to ours only. Prints one markdown table.
+per-parameter loops, a deep-copied frozen model for wisdom-of-crowds.
+
+Columns: ``ours`` is the method as built (fp32 eager; ``--amp``, ``--channels-last`` and
+``--compile`` change it), ``ours fast`` the fast preset (``prepare(fast=True)``: bf16 autocast,
+channels_last for CNNs, the compiled step; ``fast compile s`` is the time of its warm-up steps,
+i.e. mostly compiling). Ours runs with ``nonfinite="skip", input_range=None`` unless
+``--input-check`` (the default input check costs one host sync per batch; the plain loops check
+nothing). On CUDA, ``syncs/step`` counts the synchronising CUDA calls of a warm step
+(``torch.cuda.set_sync_debug_mode``): 0 for every method but DeYO (its PLPD subset size).
+Rows are printed as they finish.
 """
 from __future__ import annotations
 
@@ -25,9 +34,10 @@ import torch.nn.functional as F
 from torch import nn
 
 import tta.methods as methods
+from tta.methods.speed import is_cnn
 from tta.models import load_classifier
 
-METHODS = ("tent", "eta", "eata", "sar", "deyo", "crowds", "eata_c")
+METHODS = ("source", "norm", "tent", "eta", "eata", "sar", "deyo", "crowds", "eata_c")
 NORM = (nn.BatchNorm2d, nn.LayerNorm, nn.GroupNorm)
 
 
@@ -219,7 +229,33 @@ class PlainCrowds(Plain):
         return out
 
 
-PLAIN = {"tent": PlainTent, "eta": PlainEATA, "eata": PlainEATA, "sar": PlainSAR, "deyo": PlainDeYO, "crowds": PlainCrowds}
+class PlainSource(Plain):
+    """The source model as trained: eval mode (BatchNorm running statistics), no grad."""
+
+    def __init__(self, clf, lr):
+        self.net = clf.net.eval().requires_grad_(False)
+        self.mean, self.std = clf.mean, clf.std
+
+    @torch.no_grad()
+    def __call__(self, x):
+        return self.model(x)
+
+
+class PlainNorm(Plain):
+    """BN adaptation: BatchNorm on test-batch statistics, no grad, no update."""
+
+    def __init__(self, clf, lr):
+        self.net = clf.net
+        self.mean, self.std = clf.mean, clf.std
+        plain_configure(self.net, "norm")
+        self.net.requires_grad_(False)
+
+    @torch.no_grad()
+    def __call__(self, x):
+        return self.model(x)
+
+
+PLAIN = {"source": PlainSource, "norm": PlainNorm, "tent": PlainTent, "eta": PlainEATA, "eata": PlainEATA, "sar": PlainSAR, "deyo": PlainDeYO, "crowds": PlainCrowds}
 
 
 # ---------------------------------------------------------------- harness
@@ -254,12 +290,17 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure(step, xs, iters: int, warmup: int, device: torch.device, autocast=None) -> tuple[float, float | None]:
+def measure(step, xs, iters: int, warmup: int, device: torch.device,
+            autocast=None) -> tuple[float, float | None, float]:
+    """(images per second, peak CUDA MiB, seconds of the warm-up steps: the compile time of a compiled step)."""
     ctx = autocast or (lambda: torch.autocast(device.type, enabled=False))
+    sync(device)
+    start = time.perf_counter()
     for i in range(warmup):
         with ctx():
             step(xs[i % len(xs)])
     sync(device)
+    warm = time.perf_counter() - start
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
@@ -269,7 +310,23 @@ def measure(step, xs, iters: int, warmup: int, device: torch.device, autocast=No
     sync(device)
     elapsed = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
-    return iters * xs[0].shape[0] / elapsed, peak
+    return iters * xs[0].shape[0] / elapsed, peak, warm
+
+
+def count_syncs(step, xs, steps: int, device: torch.device) -> float | None:
+    """Synchronising CUDA calls per step (``torch.cuda.set_sync_debug_mode``), after the measurement
+    (so the step is warm). ``None`` off CUDA."""
+    if device.type != "cuda":
+        return None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            for i in range(steps):
+                step(xs[i % len(xs)])
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught) / steps
 
 
 def main() -> None:
@@ -277,13 +334,22 @@ def main() -> None:
     parser.add_argument("--model", default=None, help="timm name (default: resnet50 on GPU, resnet18 on CPU)")
     parser.add_argument("--batch-size", type=int, default=None, help="default 64 on GPU, 16 on CPU")
     parser.add_argument("--iters", type=int, default=None, help="timed steps per method (default 30 GPU, 4 CPU)")
-    parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 5 GPU, 1 CPU)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 5 GPU, 1 CPU; "
+                                                                   "at least 3 for --fast: the compile)")
     parser.add_argument("--image-size", type=int, default=None, help="default 224 on GPU, 64 on CPU (ViTs: theirs)")
     parser.add_argument("--num-classes", type=int, default=1000)
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--amp", action="store_true", help="bf16 autocast (ours)")
-    parser.add_argument("--channels-last", action="store_true", help="channels_last (ours)")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the network (ours)")
+    parser.add_argument("--amp", action="store_true", help="bf16 autocast (ours default column)")
+    parser.add_argument("--channels-last", action="store_true", help="channels_last (ours default column)")
+    parser.add_argument("--compile", action="store_true", help="compiled step (ours default column)")
+    parser.add_argument("--fast", action="store_true", help="add an 'ours fast' column: the fast preset "
+                                                            "(bf16 + channels_last for CNNs + compiled step)")
+    parser.add_argument("--compile-mode", default=None, help="torch.compile mode of the networks (fast/compile)")
+    parser.add_argument("--input-check", action="store_true",
+                        help="ours with the default input check (NaN/range: one host sync per batch); off by "
+                             "default, as the plain loops have none")
+    parser.add_argument("--sync-check", type=int, default=3, help="CUDA: steps counted with the sync debug mode "
+                                                                   "(0: off)")
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
     args = parser.parse_args()
@@ -297,6 +363,7 @@ def main() -> None:
     bs = args.batch_size or (64 if gpu else 16)
     iters = args.iters or (30 if gpu else 4)
     warmup = args.warmup if args.warmup is not None else (5 if gpu else 1)
+    fast_warmup = max(warmup, 3)  # the first batch compiles, the second may compile a first-step-only branch
     size = args.image_size or (224 if gpu else 64)
     torch.manual_seed(0)
     base = build_net(model, args.num_classes, device, size)
@@ -306,45 +373,67 @@ def main() -> None:
     xs = [torch.rand(bs, 3, size, size, device=device, generator=gen) for _ in range(4)]
     fisher_batches = [torch.rand(bs, 3, size, size, device=device, generator=gen) for _ in range(2)]
     amp = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if args.amp else None
+    checks = {} if args.input_check else {"nonfinite": "skip", "input_range": None}
 
-    rows = []
-    for name in [m.strip() for m in args.methods.split(",") if m.strip()]:
+    def ours(name: str):
         kwargs = {"fisher_data": fisher_batches} if name in ("eata", "eata_c") else {}
-        ours = methods.build(name, copy.deepcopy(base), batch_size=bs, **kwargs)
-        ours.prepare(device=device, channels_last=args.channels_last, compile=args.compile)
-        if hasattr(ours, "ensure_fisher"):
-            ours.ensure_fisher()  # not timed, as the plain loop's Fisher
+        method = methods.build(name, copy.deepcopy(base), batch_size=bs, **checks, **kwargs)
+        if hasattr(method, "ensure_fisher"):
+            method.ensure_fisher()  # not timed, as the plain loop's Fisher
+        return method
+
+    flags = [f for f, on in (("bf16", args.amp), ("channels_last", args.channels_last), ("compile", args.compile)) if on]
+    dev = torch.cuda.get_device_name(device) if gpu else f"CPU ({torch.get_num_threads()} threads)"
+    print(f"\n{model} (random weights, head scaled), batch {bs}, {size}px, {iters} timed steps after {warmup} "
+          f"({fast_warmup} for fast), {dev}, torch {torch.__version__}; ours default: {' + '.join(flags) or 'fp32 eager'}"
+          f"{'' if args.input_check else ' (input check off)'}; ours fast: bf16 + "
+          f"{'channels_last + ' if is_cnn(base.net) else ''}compiled step"
+          f"{f' ({args.compile_mode})' if args.compile_mode else ''}; official-style: fp32 eager. "
+          f"Peak memory: CUDA allocator (– on CPU). Syncs: synchronising CUDA calls per step (– on CPU).\n",
+          flush=True)
+    cols = ["method", "ours img/s"] + (["ours fast img/s"] if args.fast else []) + ["official-style img/s"]
+    cols += ["ours MiB"] + (["ours fast MiB"] if args.fast else []) + ["official-style MiB", "ours / official"]
+    cols += (["fast / ours", "fast compile s"] if args.fast else []) + ["syncs/step ours"]
+    cols += (["syncs/step fast"] if args.fast else []) + ["kept (ours)"]
+    print("| " + " | ".join(cols) + " |")
+    print("|---|" + "---:|" * (len(cols) - 1), flush=True)
+
+    def fmt(v, spec):
+        return "–" if v is None else format(v, spec)
+
+    for name in [m.strip() for m in args.methods.split(",") if m.strip()]:
+        method = ours(name).prepare(device=device, channels_last=args.channels_last, compile=args.compile,
+                                    compile_mode=args.compile_mode)
         inputs = [x.contiguous(memory_format=torch.channels_last) for x in xs] if args.channels_last else xs
-        ours_ips, ours_mem = measure(ours, inputs, iters, warmup, device, amp)
-        stats = ours.stats()["counters"]
+        oi, om, _ = measure(method, inputs, iters, warmup, device, amp)
+        osync = count_syncs(method, inputs, args.sync_check, device) if args.sync_check else None
+        stats = method.stats()["counters"]
         kept = stats["kept"] / max(1, stats["samples"])
-        del ours
-        plain_ips = plain_mem = None
+        del method
+        fi = fm = fsec = fsync = None
+        if args.fast:
+            method = ours(name).prepare(device=device, fast=True, compile_mode=args.compile_mode)
+            fi, fm, fsec = measure(method, xs, iters, fast_warmup, device)
+            fsync = count_syncs(method, xs, args.sync_check, device) if args.sync_check else None
+            del method
+        pi = pm = None
         if name in PLAIN:
             extra = {"fisher_data": fisher_batches} if name == "eata" else {}
             lr = 1e-3 if name == "crowds" else methods.niu_learning_rate(
                 "vit" if base.fixed_input_size else "cnn", bs, name in ("sar", "deyo"))
             plain = PLAIN[name](copy.deepcopy(base), lr, **extra)
-            plain_ips, plain_mem = measure(plain, xs, iters, warmup, device)
+            pi, pm, _ = measure(plain, xs, iters, warmup, device)
             del plain
         if gpu:
             torch.cuda.empty_cache()
-        rows.append((name, ours_ips, ours_mem, plain_ips, plain_mem, kept))
-
-    def fmt(v, spec):
-        return "–" if v is None else format(v, spec)
-
-    flags = [f for f, on in (("bf16", args.amp), ("channels_last", args.channels_last), ("compile", args.compile)) if on]
-    dev = torch.cuda.get_device_name(device) if gpu else f"CPU ({torch.get_num_threads()} threads)"
-    print(f"\n{model} (random weights, head scaled), batch {bs}, {size}px, {iters} timed steps, {dev}; "
-          f"ours: {' + '.join(flags) or 'fp32 eager'}; official-style: fp32 eager\n")
-    print("| method | ours img/s | ours peak MiB | official-style img/s | official-style peak MiB | speed-up | kept (ours) |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
-    for name, oi, om, pi, pm, kept in rows:
-        speed = None if pi is None else oi / pi
-        print(f"| {name} | {oi:,.0f} | {fmt(om, ',.0f')} | {fmt(pi, ',.0f')} | {fmt(pm, ',.0f')} | "
-              f"{fmt(speed, '.2f')}{'' if speed is None else '×'} | {kept:.0%} |")
-    if "eata_c" in [r[0] for r in rows]:
+        row = [name, fmt(oi, ",.0f")] + ([fmt(fi, ",.0f")] if args.fast else []) + [fmt(pi, ",.0f")]
+        row += [fmt(om, ",.0f")] + ([fmt(fm, ",.0f")] if args.fast else []) + [fmt(pm, ",.0f")]
+        row += [fmt(None if pi is None else oi / pi, ".2f") + ("" if pi is None else "×")]
+        if args.fast:
+            row += [fmt(fi / oi, ".2f") + "×", fmt(fsec, ".1f")]
+        row += [fmt(osync, ".1f")] + ([fmt(fsync, ".1f")] if args.fast else []) + [f"{kept:.0%}"]
+        print("| " + " | ".join(row) + " |", flush=True)
+    if "eata_c" in args.methods:
         print("\neata_c has no official code (experimental): no official-style column.")
 
 

@@ -103,17 +103,20 @@ def test_pivot_matrix_over_settings_and_models(tmp_path):
                     folder.mkdir(parents=True)
                     record = fake_record(method, seed, acc, model=model, setting=setting,
                                          kept=1.0 if method == "tent" else None, precision=0.8)
+                    record["config"]["data"] = {"subset": 100 if setting == "bs1" else None}  # fixed by the column
                     (folder / "run.json").write_text(json.dumps(record))
                     job += 1
     records = [json.loads(p.read_text()) for p in report.find_runs([root])]
     table = report.pivot_table(records, ["setting"])
     lines = table.splitlines()
     assert lines[0] == "| run | continual | bs1 |"
-    labels = [line.split("|")[1].strip() for line in lines[2:6]]
-    assert labels == ["tent · model=digits_cnn", "norm · model=digits_cnn", "tent · model=digits_gn",
-                      "norm · model=digits_gn"]
+    labels = [line.split("|")[1].strip() for line in lines[2:8]]
+    assert labels == ["source (frozen) · model=digits_cnn", "tent · model=digits_cnn", "norm · model=digits_cnn",
+                      "source (frozen) · model=digits_gn", "tent · model=digits_gn", "norm · model=digits_gn"]
+    assert lines[2].split("|")[2].strip() == "20.0 ± 0.0"
     mean, std = mean_std([(a + b) / 2 for a, b in TENT])
-    assert lines[2].split("|")[2].strip() == f"**{100 * mean:.1f} ± {100 * std:.1f}** · 100/80"
+    assert lines[3].split("|")[2].strip() == f"**{100 * mean:.1f} ± {100 * std:.1f}** · 100/80"
+    assert "set per column: data.subset=100 for bs1" in table
     with pytest.raises(ValueError, match="do not vary"):
         report.pivot_table(records, ["severity"])
 

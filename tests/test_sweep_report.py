@@ -18,11 +18,19 @@ def test_sweep_then_report(tmp_path):
     table = (sweep / "report.md").read_text()
     assert table.strip() == proc.stdout.split("\nwrote")[0].strip()
     assert (sweep / "report.png").stat().st_size > 1000
-    rows = {line.split("|")[1].strip(): line for line in table.splitlines()[2:]}
+    accuracy = table.split("\n\n")[0].splitlines()  # the first table: runs x domains
+    rows = {line.split("|")[1].strip(): line for line in accuracy[2:]}
     assert set(rows) == {"source", "tent", "eta"}
-    assert table.splitlines()[0].startswith("| run | gaussian_noise | snow | mean |")
+    assert accuracy[0] == "| run | gaussian_noise | snow | mean |"  # one seed: no seeds column
     mean = {name: float(line.split("|")[-2]) for name, line in rows.items()}
     assert mean["tent"] > mean["source"] + 15 and mean["eta"] > mean["source"] + 15
+    # what the learning methods learned from: tent every sample, eta its selection
+    learned = table.split("## what each method learned from")[1].splitlines()
+    learned = {line.split("|")[1].strip(): line.split("|") for line in learned if line.startswith("| ") and "run" not in line}
+    assert set(learned) == {"tent", "eta"}
+    assert float(learned["tent"][2]) == 100.0 and 0 < float(learned["eta"][2]) < 100
+    assert "entropy_margin" in learned["eta"][5] and "redundancy" in learned["eta"][5]
+    assert (sweep / "selection.png").stat().st_size > 1000
 
 
 def test_sweep_through_the_submitit_launcher(tmp_path):

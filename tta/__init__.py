@@ -11,7 +11,7 @@ interchangeable sample-selection policies (EATA, DeYO, ADTE, wisdom of crowds, D
 from __future__ import annotations
 
 import copy
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 from torch import nn
 
@@ -24,7 +24,7 @@ __version__ = "0.1.0"
 
 def adapt(model: nn.Module | str, method: str = "tent", *, extra_policies: Sequence[str] = (), inplace: bool = False,
           mean: Sequence[float] | None = None, std: Sequence[float] | None = None, protocol: str | None = None,
-          **overrides: Any) -> Method:
+          guard: str | Mapping[str, Any] | None = None, **overrides: Any) -> Method:
     """Wrap ``model`` so that it adapts online while it predicts.
 
     Args:
@@ -39,12 +39,28 @@ def adapt(model: nn.Module | str, method: str = "tent", *, extra_policies: Seque
             code's values for that benchmark, under ``overrides``. ``None``: the method's defaults (the
             ImageNet values); a threshold tuned for 1,000 classes (EATA's ``d_margin``) left at its default
             on a model with fewer than 100 classes then warns once.
-        overrides: hyperparameters of the method (``lr=``, ``steps=``, ...).
+        guard: collapse protection for long deployments (:mod:`tta.guard`): ``"reset_on_collapse"``
+            resets to the source state when the predictions collapse onto a few classes, or a dict
+            of thresholds (``{"min_effective_classes": 3, "warmup": 20}``). Off by default (the
+            papers' behaviour); resets are counted in ``stats()["counters"]["guard_resets"]``.
+        overrides: hyperparameters of the method (``lr=``, ``steps=``, ...), and the input checks:
+            ``input_range=None`` accepts images outside [0, 1], ``nonfinite="skip"`` predicts on
+            batches with NaN/Inf and drops their update.
 
     Returns:
-        A :class:`~tta.methods.Method` (an ``nn.Module``): ``logits = adapted(x)``, ``reset()``,
-        ``state_dict()`` / ``load_state_dict()``. Batches with NaN/Inf raise ``ValueError`` and never
-        reach the weights; a non-finite loss or an empty selection skips the update.
+        A :class:`~tta.methods.Method` (an ``nn.Module``): ``logits = adapted(x)``, and
+
+        * **input checks**: a batch that is not float ``(N, C, H, W)`` of the model's dtype and
+          device, holds NaN/Inf, or lies outside [0, 1] (by more than 1e-3) raises ``ValueError``
+          before any weight or counter moves; a non-finite loss or an empty selection skips the
+          update on the device;
+        * **save / restore / rollback**: ``state = adapted.state_dict()`` (tensors and plain
+          containers: ``torch.save`` it, load it with ``torch.load(f, weights_only=True)``),
+          ``adapted.load_state_dict(state)`` (never unpickles: a state that holds anything else
+          raises ``ValueError``), ``adapted.reset()`` (back to the source state);
+        * **threads**: calls, ``reset()``, ``state_dict()`` and ``load_state_dict()`` hold the
+          method's re-entrant lock (``adapted.lock``), so concurrent callers are served one at a
+          time, each seeing the state the previous call left.
     """
     if isinstance(model, nn.Module) and not inplace:
         model = copy.deepcopy(model)
@@ -54,7 +70,12 @@ def adapt(model: nn.Module | str, method: str = "tent", *, extra_policies: Seque
         model = load_classifier(model)  # what the method would do: its class count decides class-dependent values
     num_classes = overrides.get("num_classes") or model.num_classes
     overrides = protocols.for_adapt(method, protocol, num_classes, overrides)
-    return methods.build(method, model, extra_policies=list(extra_policies), **overrides)
+    adapted = methods.build(method, model, extra_policies=list(extra_policies), **overrides)
+    if guard is not None:
+        from .guard import attach_guard
+
+        attach_guard(adapted, guard)
+    return adapted
 
 
 __all__ = ["Classifier", "Method", "adapt", "load_classifier", "methods", "policies", "__version__"]

@@ -50,6 +50,7 @@ class Cell:
     label: str
     descriptor: dict[str, Any]
     records: list[dict[str, Any]] = field(default_factory=list)
+    full: dict[str, Any] = field(default_factory=dict)  # every config key of the runs (:func:`descriptor`)
 
     @property
     def seeds(self) -> list[Any]:
@@ -120,19 +121,52 @@ def descriptor(record: dict[str, Any]) -> dict[str, Any]:
     return flat
 
 
+def _determined(key: str, by: Sequence[str], group: Sequence[dict[str, Any]]) -> bool:
+    """Whether ``key`` has one value for every combination of the values of ``by`` in ``group``."""
+    seen: dict[str, str] = {}
+    for d in group:
+        ident = json.dumps([d.get(k) for k in by], default=str)
+        value = json.dumps(d.get(key), default=str)
+        if seen.setdefault(ident, value) != value:
+            return False
+    return True
+
+
 def varying_keys(descriptors: Sequence[dict[str, Any]]) -> list[str]:
-    """Keys (other than ``method``) whose value differs between runs of the same method: what tells the
-    cells of one method apart (``method.*`` keys that only differ *between* methods are not listed)."""
+    """Keys (other than ``method``) that tell the cells of one method apart, fewest first: a key whose
+    value follows from keys already listed (``setting.batch_size`` from ``setting``; ``data.subset``
+    when only the ``bs1`` runs set it) is left out, and so are ``method.*`` keys that differ only
+    *between* methods."""
     by_method: dict[str, list[dict[str, Any]]] = {}
     for d in descriptors:
         by_method.setdefault(d["method"], []).append(d)
+    first = ("model", "setting")  # a stable, readable order
     keys: list[str] = []
     for group in by_method.values():
-        for key in {k for d in group for k in d}:
-            if key != "method" and key not in keys and len({json.dumps(d.get(key), default=str) for d in group}) > 1:
-                keys.append(key)
-    first = ("model", "setting")  # a stable, readable order
+        varying = sorted({k for d in group for k in d if k != "method"
+                          and len({json.dumps(x.get(k), default=str) for x in group}) > 1},
+                         key=lambda k: (k not in first, first.index(k) if k in first else 0, k.count("."), k))
+        kept: list[str] = []
+        for key in varying:
+            if not kept or not _determined(key, kept, group):
+                kept.append(key)
+        keys += [k for k in kept if k not in keys]
     return [k for k in first if k in keys] + sorted(k for k in keys if k not in first)
+
+
+def determined_by(descriptors: Sequence[dict[str, Any]], keys: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """Keys outside ``keys`` that vary and whose value follows from ``keys``:
+    ``{key: {json list of the values of keys: value}}``."""
+    out: dict[str, dict[str, Any]] = {}
+    names = {k for d in descriptors for k in d} - set(keys) - {"method"}
+    for key in sorted(names):
+        if key.startswith("method."):
+            continue
+        if len({json.dumps(d.get(key), default=str) for d in descriptors}) < 2:
+            continue
+        if _determined(key, list(keys), descriptors):
+            out[key] = {json.dumps([d.get(k) for k in keys], default=str): d.get(key) for d in descriptors}
+    return out
 
 
 def group_cells(records: Sequence[dict[str, Any]]) -> tuple[list[Cell], list[str]]:
@@ -144,7 +178,8 @@ def group_cells(records: Sequence[dict[str, Any]]) -> tuple[list[Cell], list[str
         identity = json.dumps(desc, sort_keys=True, default=str)
         if identity not in cells:
             parts = [desc["method"]] + [f"{k}={desc.get(k)}" for k in keys]
-            cells[identity] = Cell(" · ".join(str(p) for p in parts), {k: desc.get(k) for k in ["method", *keys]})
+            cells[identity] = Cell(" · ".join(str(p) for p in parts), {k: desc.get(k) for k in ["method", *keys]},
+                                   full=desc)
         cells[identity].records.append(record)
     return list(cells.values()), keys
 
@@ -171,5 +206,5 @@ def marks(stats: Sequence[Stat], higher_is_better: bool = True) -> list[str]:
     return out
 
 
-__all__ = ["Cell", "IGNORED", "Stat", "descriptor", "group_cells", "marks", "method_label", "varying_keys",
-           "within_spread"]
+__all__ = ["Cell", "IGNORED", "Stat", "descriptor", "determined_by", "group_cells", "marks", "method_label",
+           "varying_keys", "within_spread"]

@@ -354,6 +354,6 @@ class Checkpointer:
         return {"every": self.every, "written": self.written, "seconds": round(self.seconds, 3)}
 
 
-__all__ = ["CHECKPOINT_NAME", "Checkpointer", "OrderHash", "RunProgress", "changing_state", "comparable_config",
-           "config_differences", "load_accumulators", "load_checkpoint", "accumulators_state", "restore_method", "rng_state",
-           "save_atomic", "set_rng_state", "to_cpu"]
+__all__ = ["CHECKPOINT_NAME", "Checkpointer", "OrderHash", "RunProgress", "accumulators_state", "changing_state",
+           "comparable_config", "config_differences", "load_accumulators", "load_checkpoint", "restore_method",
+           "rng_state", "save_atomic", "set_rng_state", "to_cpu"]

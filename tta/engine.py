@@ -49,9 +49,13 @@ def check_labels(labels: torch.Tensor, num_classes: int, open_set: bool = False)
     if labels.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
         raise ValueError(f"labels must be integers, got dtype {labels.dtype}")
     low = -1 if open_set else 0
-    if labels.numel() and (int(labels.min()) < low or int(labels.max()) >= num_classes):
+    if not labels.numel():
+        return
+    values = labels.numpy() if labels.device.type == "cpu" else labels  # a host array: no tensor op, no sync
+    seen_min, seen_max = int(values.min()), int(values.max())
+    if seen_min < low or seen_max >= num_classes:
         raise ValueError(f"labels out of range: expected values in [{low}, {num_classes - 1}], "
-                         f"got min {int(labels.min())}, max {int(labels.max())}")
+                         f"got min {seen_min}, max {seen_max}")
 
 
 def run(
@@ -64,6 +68,7 @@ def run(
     amp: bool = False,
     channels_last: bool = False,
     compile: bool = False,
+    fast: bool = False,
     progress: bool = True,
     log_every: int = 10,
     open_set: bool = False,
@@ -78,14 +83,17 @@ def run(
         source_model: the frozen source model, evaluated on the same batches (``source_accuracy``).
         reset_each_domain: reset the method when the domain changes (``reset_each_shift``);
             ``False`` adapts continually.
-        amp: bf16 autocast; channels_last / compile: speed options.
+        amp: bf16 autocast; channels_last / compile: speed options. fast: all three (channels_last
+            for CNNs only; :mod:`tta.methods.speed`). What was used is returned under ``speed``.
         checkpoint: called with the run's progress (:meth:`tta.checkpoint.RunProgress.state_dict`)
             every ``checkpoint_every`` batches (0: never) and at the end of every domain.
         resume: such a progress: continue from there (metrics, order hash, stream position and
             wall time so far; the caller restores the method's state and the RNG states).
     """
     device = torch.device(device) if device is not None else next(method.parameters()).device
-    method.prepare(device=device, channels_last=channels_last, compile=compile)
+    method.prepare(device=device, channels_last=channels_last, compile=compile, fast=fast)
+    amp = amp or method.speed.amp  # the frozen source model too
+    channels_last = channels_last or method.speed.channels_last
     if source_model is not None:
         source_model.to(device).eval().requires_grad_(False)
         if channels_last:
@@ -150,5 +158,6 @@ def run(
         "order_hash": order.hexdigest(),
         "wall_time_s": wall,
         "peak_memory_mb": peak_memory_mb(device),
+        "speed": {**method.speed.as_dict(), "amp": amp, "channels_last": channels_last},
         "selection": selection_summary(selection) if track_selection else None,
     }

@@ -115,6 +115,11 @@ class SelectionMetrics:
     dropped**; ``kept_ood`` counts kept samples with label -1 (open-set streams). A final row,
     ``learned``, is the last stage's kept samples against every sample of the batch (every
     sample when the method has no stage, e.g. Tent).
+
+    Decisions: with ``steps > 1`` the masks are the last step's, computed on the logits the method
+    returns for the batch (so mask and prediction come from one forward; the method's own policy
+    counters count every step). SAR's second selection (at the SAM-perturbed weights) is the stage
+    ``entropy_margin_sam``, judged on the first forward's prediction, the one SAR reports.
     """
 
     def __init__(self, device: torch.device | str):
@@ -191,8 +196,9 @@ def selection_summary(domains: Mapping[str, SelectionMetrics], low_keep: float =
     """The run record's ``selection``: per stage key and for ``learned``, per domain and ``mean``.
 
     ``mean`` pools the domains (counts summed, rates from the sums), i.e. the rates over every sample
-    of the run. A stage that kept less than ``low_keep`` of a domain's samples gives one warning
-    (listing those domains), emitted with :func:`warnings.warn` when ``warn`` and kept in ``warnings``.
+    of the run. A stage that dropped samples and kept less than ``low_keep`` of a domain's samples gives
+    one warning (counting those domains), emitted with :func:`warnings.warn` when ``warn`` and kept
+    in ``warnings``.
     """
     results = {name: m.result() for name, m in domains.items()}
     results = {name: r for name, r in results.items() if r["n"]}
@@ -215,7 +221,7 @@ def selection_summary(domains: Mapping[str, SelectionMetrics], low_keep: float =
     messages = []
     for key, entry in policies.items():
         low = {d: e["kept_frac"] for d, e in entry["domains"].items() if e["kept_frac"] is not None
-               and e["kept_frac"] < low_keep}
+               and e["kept_frac"] < low_keep and e["kept"] < e["seen"]}  # a stage that dropped nothing is not the cause
         if low:
             worst = min(low, key=low.get)
             messages.append(f"selection stage {key!r} kept under {100 * low_keep:g}% of the samples in {len(low)} of "

@@ -14,10 +14,11 @@ best value of each column in bold and ``≈`` on values within the seed spread o
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 from typing import Any, Sequence
 
-from .aggregate import Cell, Stat, group_cells, marks
+from .aggregate import Cell, Stat, determined_by, group_cells, marks
 from .record import read_json
 
 
@@ -93,6 +94,42 @@ def find_runs(paths: Sequence[Path]) -> list[Path]:
     return found
 
 
+def unfinished_runs(paths: Sequence[Path],
+                    records: Sequence[tuple[Path, dict[str, Any]]] = ()) -> list[tuple[str, str, str]]:
+    """Runs below ``paths`` that did not finish, as ``(folder, status, detail)``: ``failed`` (a
+    ``run.json`` with ``"status": "failed"``: the error) and ``incomplete`` (a run folder with
+    ``.hydra/`` but no ``run.json``: killed, or still running; a ``checkpoint.pt`` there means
+    ``resume=true`` continues it)."""
+    out: list[tuple[str, str, str]] = []
+    for path, record in records:
+        status = record.get("status", "finished")
+        if status != "finished":
+            error = record.get("error") or {}
+            detail = f"{error.get('type', '?')}: {error.get('message', '')}".strip()
+            out.append((str(path.parent), status, detail.splitlines()[0][:200] if detail else ""))
+    for path in paths:
+        path = Path(path)
+        if not path.is_dir():
+            continue
+        for hydra in sorted(path.rglob(".hydra"), key=_natural):
+            folder = hydra.parent
+            if hydra.is_dir() and not (folder / "run.json").is_file() and not (folder / "multirun.yaml").is_file():
+                left = "checkpoint.pt left: resume=true continues it" if (folder / "checkpoint.pt").is_file() else \
+                    "no run.json and no checkpoint"
+                out.append((str(folder), "incomplete", left))
+    return out
+
+
+def not_finished_table(rows: Sequence[tuple[str, str, str]]) -> str:
+    """Markdown list of the runs that did not finish (empty string when all did)."""
+    if not rows:
+        return ""
+    lines = [f"## runs that did not finish ({len(rows)}; not in the tables above)", "",
+             "| run folder | status | detail |", "|---|---|---|"]
+    lines += [f"| {folder} | {status} | {detail.replace('|', '/')} |" for folder, status, detail in rows]
+    return "\n".join(lines)
+
+
 def _natural(path: Path) -> list[Any]:
     """Sort key: numbers as numbers (a sweep's job 10 after job 9)."""
     import re
@@ -141,14 +178,17 @@ def sweep_table(records: list[dict[str, Any]], metric: str = "accuracy") -> str:
         for name in record["results"]["domains"]:
             if name not in domains:
                 domains.append(name)
-    cells, _ = group_cells(records)
+    cells, keys = group_cells(records)
     seeds = _has_seeds(cells)
-    short = [d.split("/")[0] for d in domains]
-    header = "| run | " + " | ".join(short) + " | mean |" + (" seeds |" if seeds else "")
-    rows = [header, "|---|" + "---:|" * (len(domains) + 1 + seeds)]
-    first = cells[0]
     has_source_run = any(record.get("method", {}).get("method") == "source" for record in records)
-    if metric == "accuracy" and "source_accuracy" in records[0]["results"]["mean"] and not has_source_run:
+    with_source = metric == "accuracy" and "source_accuracy" in records[0]["results"]["mean"] and not has_source_run
+    source_column = with_source and bool(keys)  # the source model differs between rows (model, setting, ...)
+    short = [d.split("/")[0] for d in domains]
+    header = ("| run | " + " | ".join(short) + " | mean |" + (" source |" if source_column else "")
+              + (" seeds |" if seeds else ""))
+    rows = [header, "|---|" + "---:|" * (len(domains) + 1 + source_column + seeds)]
+    first = cells[0]
+    if with_source and not source_column:
         texts = [first.metric("source_accuracy", d).format() for d in domains]
         texts.append(first.metric("source_accuracy").format())
         rows.append("| source | " + " | ".join(texts) + " |" + (f" {len(first.records)} |" if seeds else ""))
@@ -157,6 +197,7 @@ def sweep_table(records: list[dict[str, Any]], metric: str = "accuracy") -> str:
                for domain in [*domains, None]]
     for i, cell in enumerate(cells):
         row = f"| {cell.label} | " + " | ".join(col[i] for col in columns) + " |"
+        row += f" {cell.metric('source_accuracy').format()} |" if source_column else ""
         rows.append(row + (f" {len(cell.records)} |" if seeds else ""))
     return "\n".join(rows) + (f"\n\n{SEED_LEGEND}" if seeds else "")
 
@@ -183,17 +224,25 @@ def selection_table(records: list[dict[str, Any]]) -> str:
 def pivot_table(records: list[dict[str, Any]], columns: Sequence[str], metric: str = "accuracy") -> str:
     """Markdown matrix: rows = configurations without the ``columns`` keys (e.g. methods), columns = the
     values of ``columns`` (e.g. ``setting``, ``model``); each entry the mean ``metric`` over domains
-    (mean ± std over seeds), then, for learning methods, ``kept % / precision`` of the learned-from samples."""
+    (mean ± std over seeds), then, for learning methods, ``kept % / precision`` of the learned-from samples.
+
+    A key whose value is fixed by the column (``data.subset`` set for ``bs1`` only) does not split the
+    rows; the legend lists it. Without ``source`` runs, a first row gives the frozen source model's
+    accuracy (``source_accuracy`` of the runs in that column)."""
     cells, keys = group_cells(records)
     unknown = [k for k in columns if k not in keys]
     if unknown:
         raise ValueError(f"pivot keys {unknown} do not vary in these runs; keys that do: {', '.join(keys) or 'none'}")
+    col_of = {id(c): tuple(str(c.descriptor.get(k)) for k in columns) for c in cells}
+    fixed = {k: v for k, v in determined_by([c.full for c in cells], list(columns)).items()
+             if not any(k.startswith(f"{c}.") for c in columns)}  # e.g. data.subset set for bs1 only
+    row_keys = [k for k in keys if k not in columns and k not in fixed]
     col_values: list[tuple[str, ...]] = []
     row_values: list[tuple[str, ...]] = []
     table: dict[tuple[tuple[str, ...], tuple[str, ...]], Cell] = {}
     for cell in cells:
-        col = tuple(str(cell.descriptor.get(k)) for k in columns)
-        row = (cell.descriptor["method"],) + tuple(f"{k}={cell.descriptor.get(k)}" for k in keys if k not in columns)
+        col = col_of[id(cell)]
+        row = (cell.descriptor["method"],) + tuple(f"{k}={cell.descriptor.get(k)}" for k in row_keys)
         col_values += [col] if col not in col_values else []
         row_values += [row] if row not in row_values else []
         table[(row, col)] = cell
@@ -210,12 +259,24 @@ def pivot_table(records: list[dict[str, Any]], columns: Sequence[str], metric: s
                 kept, precision = cell.selection("kept_frac").mean, cell.selection("precision").mean
                 text += f" · {_pct0(kept)}/{_pct0(precision)}"
             texts[(r, col)] = text
+    if metric == "accuracy" and not any(r[0] == "source" for r in row_values):
+        for group in dict.fromkeys(r[1:] for r in row_values):
+            source = ("source (frozen)",) + group
+            for col in col_values:
+                first = next((table[(r, col)] for r in row_values if r[1:] == group and (r, col) in table), None)
+                if first is not None:
+                    texts[(source, col)] = first.metric("source_accuracy").format()
+            row_values.insert(next(i for i, r in enumerate(row_values) if r[1:] == group), source)
     header = "| run | " + " | ".join(" · ".join(c) for c in col_values) + " |"
     rows = [header, "|---|" + "---:|" * len(col_values)]
     for r in row_values:
         rows.append(f"| {' · '.join(r)} | " + " | ".join(texts.get((r, c), "–") for c in col_values) + " |")
     legend = (f"each entry: mean {metric} (%) over domains" + (" (" + SEED_LEGEND + ")" if seeds else "")
               + "; for learning methods then · kept % / precision % of the samples learned from (means over seeds)")
+    notes = [f"{k}={v} for {' · '.join(str(x) for x in json.loads(col))}" for k, values in fixed.items()
+             for col, v in values.items() if v is not None]
+    if notes:
+        legend += "; set per column: " + ", ".join(notes)
     return "\n".join(rows) + "\n\n" + legend
 
 
@@ -277,8 +338,9 @@ def selection_chart(records: list[dict[str, Any]], path: Path) -> bool:
                         yerr=None if precision.std is None else 100 * precision.std, fmt=shape, color=colours(m % 10),
                         markersize=6, capsize=2, alpha=0.85)
         ax.set_xscale("symlog", linthresh=1.0)
-        ax.set_xlim(0, 100)
-        ax.set_ylim(0, 100)
+        ax.set_xlim(0, 130)
+        ax.set_xticks([0, 1, 10, 100], ["0", "1", "10", "100"])
+        ax.set_ylim(0, 102)
         ax.set_xlabel("samples learned from (%)")
         ax.set_title(panel or "", fontsize=9)
         ax.grid(alpha=0.3)
@@ -287,8 +349,8 @@ def selection_chart(records: list[dict[str, Any]], path: Path) -> bool:
     if settings != [None]:
         handles += [plt.Line2D([], [], color="#555555", marker=shapes[i % len(shapes)], linestyle="", label=s)
                     for i, s in enumerate(settings)]
-    fig.legend(handles=handles, loc="center right", fontsize=7, frameon=False)
-    fig.tight_layout(rect=(0, 0, 1 - 1.5 / fig.get_figwidth(), 1))
+    axes[0][-1].legend(handles=handles, loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=7, frameon=False)
+    fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return True
@@ -314,9 +376,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--pivot", default="", help="comma-separated keys whose values become the columns of a "
                         "matrix, e.g. setting,model (rows: the methods)")
     args = parser.parse_args(argv)
-    records = [read_json(p) for p in find_runs(args.paths)]
+    try:
+        loaded = [(p, read_json(p)) for p in find_runs(args.paths)]
+    except FileNotFoundError:
+        loaded = []
+    records = [r for _, r in loaded if r.get("status", "finished") == "finished"]  # failed runs: listed below
+    missing = not_finished_table(unfinished_runs(args.paths, loaded))
+    if not records:
+        raise SystemExit(f"no finished run.json found under {', '.join(map(str, args.paths))}"
+                         + (f"\n\n{missing}" if missing else ""))
     pivot = [k for k in args.pivot.split(",") if k]
-    table = report_text(records, args.metric, pivot)
+    table = report_text(records, args.metric, pivot) + (f"\n\n{missing}" if missing else "")
     out = args.out or (args.paths[0] if args.paths[0].is_dir() else args.paths[0].parent)
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.md").write_text(table + "\n")

@@ -25,7 +25,8 @@ Run folders are never overwritten silently, and a killed run continues where it 
 * ``resume=true``: the same command into the same folder continues from ``checkpoint.pt`` and
   ends with the ``run.json`` an uninterrupted run writes (same device); without a checkpoint it
   starts from the beginning. Another configuration than the checkpoint's is refused.
-* a folder holding a finished ``run.json`` is refused unless ``overwrite=true``; a folder holding
+* a folder holding a finished ``run.json`` is refused unless ``overwrite=true`` (with
+  ``resume=true`` it is left as it is: resuming a sweep reruns only its unfinished jobs); a folder holding
   an unfinished run's checkpoint is refused unless ``resume=true`` (continue) or
   ``overwrite=true`` (start over).
 * a run that fails writes ``run.json`` with ``"status": "failed"`` and the error, then re-raises
@@ -226,10 +227,11 @@ def run_folder_state(out_dir: Path) -> str:
 
 
 def check_run_folder(out_dir: Path, *, resume: bool, overwrite: bool) -> str:
-    """Refuse to overwrite a finished run (unless ``overwrite``) or an unfinished one (unless
-    ``resume`` or ``overwrite``); returns the folder's state (:func:`run_folder_state`)."""
+    """Refuse to overwrite a finished run (unless ``overwrite``; ``resume`` leaves it as it is) or
+    an unfinished one (unless ``resume`` or ``overwrite``); returns the folder's state
+    (:func:`run_folder_state`)."""
     state = run_folder_state(out_dir)
-    if state == "finished" and not overwrite:
+    if state == "finished" and not (overwrite or resume):
         raise RunFolderError(f"{out_dir} holds a finished run (run.json): pass overwrite=true to replace it, or "
                              f"choose another folder (hydra.run.dir=...)")
     if state == "unfinished" and not (resume or overwrite):
@@ -285,6 +287,11 @@ def execute(cfg: dict[str, Any], out_dir: Path, overrides: list[str] | None = No
     out_dir = Path(out_dir)
     resume, overwrite = bool(cfg.get("resume", False)), bool(cfg.get("overwrite", False))
     state = check_run_folder(out_dir, resume=resume, overwrite=overwrite)
+    if state == "finished" and resume and not overwrite:  # e.g. a sweep resumed: its finished jobs stay as they are
+        from .record import read_json
+
+        log.info("%s holds a finished run: nothing to resume", out_dir)
+        return read_json(out_dir / "run.json")
     out_dir.mkdir(parents=True, exist_ok=True)
     continuing = resume and state != "finished" and (out_dir / CHECKPOINT_NAME).is_file()
     if not continuing:  # start over: nothing of an earlier run may be mistaken for this one's
@@ -339,7 +346,8 @@ class _Session:
                                  "batches_done": progress["done"], "wall_time_s": progress["wall_time_s"]})
             log.info("resuming from %s after %d batches", self.path, progress["done"])
         if self.every:
-            self.writer = Checkpointer(self.path, method, config=self.config_key, every=self.every, history=self.history)
+            self.writer = Checkpointer(self.path, method, config=self.config_key, every=self.every,
+                                       history=self.history)
         if self.saved is not None:
             set_rng_state(self.saved["rng"])  # last: nothing between here and the next batch draws random numbers
         return {"resume": progress, "checkpoint": self.writer, "checkpoint_every": self.every}

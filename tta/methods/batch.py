@@ -16,7 +16,7 @@ model (``"model"``, e.g. ``plpd``).
 from __future__ import annotations
 
 import copy
-from typing import Any, ClassVar, Sequence
+from typing import Any, Callable, ClassVar, Sequence
 
 import torch
 from torch import nn
@@ -25,6 +25,7 @@ from ..models.params import has_batchnorm
 from ..objectives import weighted_mean
 from ..policies import BatchContext
 from .core import Method
+from .speed import compile_fn, compile_network
 
 
 class BatchMethod(Method):
@@ -66,13 +67,47 @@ class BatchMethod(Method):
         if self.episodic:
             self.reset()
         self.count_batch(x)
+        if self.speed.channels_last:  # the layout the compiled graphs were made for (a no-op when it is already)
+            x = x.contiguous(memory_format=torch.channels_last)
+        self.before_step()
+        step = self._compiled_adapt or self.adapt
         logits = None
         for _ in range(self.steps):
-            logits = self.adapt(x)
+            logits = step(x)
         return logits
+
+    def before_step(self) -> None:
+        """Eager work before the (possibly compiled) step: anything that changes Python state once
+        (the optimizer state's priming; EATA's pending Fisher) happens here, so a compiled step sees
+        the same state on every batch."""
+        if self.update is not None:
+            self.update.prime()
+
+    # ------------------------------------------------------------------ compiled step
+    #: per-network callables of a compiled step (``None``: eager, the modules themselves)
+    _calls: dict[str, Callable[[torch.Tensor], torch.Tensor]] | None = None
+    #: the compiled ``adapt`` (``None``: eager)
+    _compiled_adapt: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+    def compile_step(self, mode: str | None = None) -> None:
+        """Compile the whole step (:mod:`tta.methods.speed`): each network on its own behind a boundary,
+        and :meth:`adapt` (selection, loss, guarded update, counters) around them."""
+        calls = {"model": compile_network(self.model, mode)}
+        if self.frozen_source is not None:
+            calls["source"] = compile_network(self.frozen_source, mode)
+        self._calls = calls
+        self.before_step()
+        self._compiled_adapt = compile_fn(self.adapt)
+
+    def run_model(self, x: torch.Tensor) -> torch.Tensor:
+        """The adapted model's logits on ``x`` (its compiled graph when the step is compiled)."""
+        calls = self._calls
+        return self.model(x) if calls is None else calls["model"](x)
 
     def context(self, x: torch.Tensor, logits: torch.Tensor) -> BatchContext:
         frozen = self.frozen_source
+        if frozen is not None and self._calls is not None:
+            frozen = self._calls["source"]
         return BatchContext(x, logits, self.model, (lambda: frozen) if frozen is not None else None)
 
     def objective(self, ctx: BatchContext, weights: torch.Tensor) -> torch.Tensor:
@@ -83,10 +118,10 @@ class BatchMethod(Method):
         """One step: forward, select, objective, guarded update. Returns pre-update logits."""
         if not self.learns:
             with torch.no_grad():
-                logits = self.model(x)
+                logits = self.run_model(x)
             self.counters.add("forwards", 1)
             return logits
-        logits = self.model(x)
+        logits = self.run_model(x)
         self.counters.add("forwards", 1)
         ctx = self.context(x, logits)
         weights = self.select(ctx)

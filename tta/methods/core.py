@@ -21,6 +21,7 @@ and :meth:`load_state_dict` never unpickles anything.
 from __future__ import annotations
 
 import collections
+import contextlib
 import copy
 import functools
 import math
@@ -174,8 +175,10 @@ def _plain(value: Any, where: str) -> Any:
                                  f"to load it (tta never unpickles a saved state)")
             out[k] = _plain(v, f"{where}[{k!r}]")
         return out
-    hint = (" (bytes in a method state are an optimizer state pickled by tta < 0.2: loading them could run "
-            "code, so tta refuses them; re-save the state with this version)") if isinstance(value, (bytes, bytearray)) else ""
+    hint = ""
+    if isinstance(value, (bytes, bytearray)):
+        hint = (" (bytes in a method state are an optimizer state pickled by tta < 0.2: loading them could run "
+                "code, so tta refuses them; re-save the state with this version)")
     raise ValueError(f"{where}: expected tensors and plain containers, found {type(value).__name__}; refusing "
                      f"to load it (tta never unpickles a saved state){hint}")
 
@@ -435,16 +438,19 @@ class Method(nn.Module):
         ``fast=True``: bf16 autocast, channels_last for CNNs and a compiled step. ``amp``: every call
         of the method runs under bf16 autocast. ``channels_last``: every network the method runs
         (a frozen copy gets the same kernels, so first-batch ties stay exact). ``compile``:
-        :meth:`compile_step`. Returns the method.
+        :meth:`compile_step` (``compile_mode``: see :mod:`tta.methods.speed`). Options add to those
+        of an earlier call; :attr:`speed` holds them. Returns the method.
         """
-        options = resolve_speed(self.model.net, fast=fast, amp=amp, channels_last=channels_last, compile=compile,
-                                compile_mode=compile_mode)
+        current = self.speed  # options add to those of an earlier prepare (a compiled step stays compiled)
+        options = resolve_speed(self.model.net, fast=fast, amp=amp or current.amp,
+                                channels_last=channels_last or current.channels_last,
+                                compile=compile or current.compile, compile_mode=compile_mode or current.compile_mode)
         if device is not None:
             self.to(device)
         if options.channels_last:
             for model in self.networks():
                 model.to(memory_format=torch.channels_last)
-        if options.compile and not self.speed.compile:
+        if options.compile and not current.compile:
             self.compile_step(options.compile_mode)
         self.speed = options
         return self
@@ -455,13 +461,12 @@ class Method(nn.Module):
         for model in self.networks():
             model.net.compile(mode=mode)
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        """``forward``, under bf16 autocast when the method was prepared with ``amp``/``fast``."""
-        if not self.speed.amp:
-            return super().__call__(*args, **kwargs)
-        x = args[0] if args else next(iter(kwargs.values()))
-        with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16):
-            return super().__call__(*args, **kwargs)
+    def speed_context(self, x: Any) -> contextlib.AbstractContextManager:
+        """bf16 autocast on ``x``'s device when the method was prepared with ``amp``/``fast`` (every
+        call of the method runs under it), else nothing."""
+        if not self.speed.amp or not torch.is_tensor(x):
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=x.device.type, dtype=torch.bfloat16)
 
     # ------------------------------------------------------------------ state
     def _capture_state(self) -> dict[str, Any]:
@@ -491,26 +496,33 @@ class Method(nn.Module):
         """Load the optimizer state of :meth:`get_extra_state`. Anything but tensors and plain
         containers (an older tta's pickled optimizer bytes, an object) raises ``ValueError``: a
         state is never unpickled, so loading one cannot run code."""
+        optimizer = self._checked_extra_state(state)
+        if optimizer is not None:
+            self.optimizer.load_state_dict(optimizer)
+
+    def _checked_extra_state(self, state: Any) -> dict[str, Any] | None:
+        """The optimizer state dict inside ``state`` (see :meth:`set_extra_state`), or a ``ValueError``."""
         if state is None:
             if self.optimizer is not None:
                 raise ValueError(f"this {self.name} state holds no optimizer state, but {self.name} has an optimizer: "
-                                 f"it was saved from another method or parameter preset")
-            return
+                                 f"it was saved from another method or parameter preset; nothing was loaded")
+            return None
         if self.optimizer is None:
             raise ValueError(f"this state holds an optimizer state, but {self.name} has no optimizer (it adapts "
-                             f"nothing): it was saved from another method or parameter preset")
+                             f"nothing): it was saved from another method or parameter preset; nothing was loaded")
         if not isinstance(state, dict) or set(state) != {"optimizer"}:
-            kind = type(state).__name__ + ("" if not isinstance(state, dict) else f" with keys {sorted(map(str, state))}")
+            kind = type(state).__name__ + (f" with keys {sorted(map(str, state))}" if isinstance(state, dict) else "")
             hint = (" (bytes: an optimizer state pickled by tta < 0.2; loading it could run code, so tta refuses it: "
                     "re-save the state with this version)") if isinstance(state, (bytes, bytearray)) else ""
             raise ValueError(f"unexpected method extra state ({kind}): expected {{'optimizer': <optimizer "
-                             f"state_dict of tensors and plain containers>}}; nothing was loaded{hint}")
+                             f"state_dict of tensors and plain containers>}}; refusing to load it, nothing was "
+                             f"loaded{hint}")
         optimizer = _plain(state["optimizer"], "optimizer state")
         if not isinstance(optimizer, dict) or not isinstance(optimizer.get("state"), dict) \
                 or not isinstance(optimizer.get("param_groups"), list):
             raise ValueError("optimizer state: expected a dict with 'state' (a dict) and 'param_groups' (a list); "
                              "nothing was loaded")
-        self.optimizer.load_state_dict(optimizer)
+        return optimizer
 
     # ------------------------------------------------------------------ save / restore / threads
     @property
@@ -536,7 +548,13 @@ class Method(nn.Module):
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         with self.lock:
-            out = super().__call__(*args, **kwargs)
+            try:
+                with self.speed_context(args[0] if args else kwargs.get("x")):
+                    out = super().__call__(*args, **kwargs)
+            except BaseException:
+                if self.optimizer is not None:  # a step cut short must not leave gradients for the next one
+                    self.optimizer.zero_grad(set_to_none=True)
+                raise
             guard = self._modules.get("collapse_guard")
             if guard is not None:
                 guard.observe(self, out)
@@ -583,6 +601,8 @@ class Method(nn.Module):
             if guard is not None:
                 for name, buffer in guard.state_dict().items():
                     state.setdefault("collapse_guard." + name, buffer.clone())
+            if "_extra_state" in state:  # checked before anything is loaded: a refused state changes nothing
+                self._checked_extra_state(state["_extra_state"])
             return super().load_state_dict(state, strict=strict, assign=assign)
 
     def input_records(self) -> dict[str, Any]:

@@ -26,7 +26,14 @@ class DeYO(BatchMethod):
     loss ``mean_S2((exp(E0 - H) + exp(PLPD)) * H)`` with ``E0 = margin_e0 * ln C`` (0.4 ln C);
     one SGD step (momentum 0.9) only if ``S2`` is non-empty; pre-update full-batch logits.
     Policies: ``entropy_margin`` -> ``plpd`` (see :class:`~tta.policies.PLPD` for where the
-    transform is applied and the one host sync).
+    transform is applied).
+
+    Host syncs: **one per batch**, where every other batch method has none. The official code
+    forwards the destroyed ``x[S1]``, so BatchNorm normalises them with the statistics of ``S1``
+    alone; forwarding a subset needs its size on the host. Forwarding the whole batch instead would
+    change those statistics (and cost the forward of the dropped samples), so the read stays. The
+    permutations are drawn on the CPU as the official code and copied to the device without a
+    sync. Under ``compile`` that re-forward runs eagerly (its size varies per batch).
 
     Defaults: parameters ``sar`` (as DeYO's ``collect_params``); lr by the SAR/DeYO rule, doubled at
     bs 1; no EMA, no reset, no Fisher. ``filter_ent=False``/``filter_plpd=False`` drop a filter

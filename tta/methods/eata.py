@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from ..objectives import weighted_mean
-from ..objectives.fisher import FisherAnchor
+from ..objectives.fisher import FisherAnchor, check_fisher_data
 from ..policies import BatchContext, EATAWeight, EntropyMargin, Policy, Redundancy
 from .batch import BatchMethod
 from .inputs import RunInput
@@ -113,6 +113,7 @@ class EATA(ETA):
         if fisher_path and (fisher_data is None or Path(fisher_path).expanduser().is_file()):
             self.fisher.load(fisher_path, strict=fisher_strict)
         elif fisher_data is not None:
+            check_fisher_data(fisher_data)  # uint8 / NaN / 0..255 images: a clear error now, not a silent non-finite Fisher
             self._fisher_data = fisher_data
             if fisher_path:  # not there yet: computed from fisher_data, then saved there (a sweep computes it once)
                 self._fisher_save_path = Path(fisher_path).expanduser()
@@ -152,6 +153,10 @@ class EATA(ETA):
                 self._fisher_data = None
             else:
                 self.compute_fisher()
+
+    def before_step(self) -> None:
+        self.ensure_fisher()
+        super().before_step()
 
     def adapt(self, x: torch.Tensor) -> torch.Tensor:
         self.ensure_fisher()

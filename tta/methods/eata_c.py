@@ -81,11 +81,10 @@ class EATAC(EATA):
 
     def adapt(self, x: torch.Tensor) -> torch.Tensor:
         self.ensure_fisher()
-        logits = self.model(x)
+        logits = self.run_model(x)
         ctx = self.context(x, logits)
         weights = self.select(ctx)
-        with self.subnet:
-            sub_logits = self.model(x)
+        sub_logits = self.subnet_logits(x)
         self.counters.add("forwards", 2)
         log_full = logits.float().log_softmax(dim=1)
         log_sub = sub_logits.float().log_softmax(dim=1)
@@ -97,6 +96,13 @@ class EATAC(EATA):
         self.counters.add("label_disagreements", (~agree & (weights > 0)).sum())
         self.step(loss, weights)
         return logits.detach()
+
+    @torch.compiler.disable
+    def subnet_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits of the stochastic sub-network (eager even in a compiled step: its forward hooks and
+        dropout masks stay exactly as without compile)."""
+        with self.subnet:
+            return self.model(x)
 
     def hparams(self) -> dict[str, Any]:
         return {**super().hparams(), "experimental": True, "parity_checked": False,

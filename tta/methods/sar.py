@@ -34,7 +34,7 @@ class SAR(BatchMethod):
     4. EMA of ``L2`` (0.9) when ``S2`` is non-empty and ``L2`` finite;
     5. backward ``L2``, restore ``theta``, SGD step (momentum 0.9) with the gradient at ``theta + e``;
     6. recovery: if ``ema < reset_constant`` (0.2, hard-coded in SAR's code) reset the model and the
-       optimizer, on the device (a ``lerp`` to the initial state, no host sync);
+       optimizer, on the device (an exact select of the initial state, no host sync);
     7. return the first forward's logits.
 
     Defaults and decisions (all as the official code unless an option is set):
@@ -96,7 +96,7 @@ class SAR(BatchMethod):
         self.ema_exists.fill_(False)
 
     def adapt(self, x: torch.Tensor) -> torch.Tensor:
-        logits = self.model(x)
+        logits = self.run_model(x)
         ctx = self.context(x, logits)
         weights = self.select(ctx)
         loss = weighted_mean(ctx.entropy, weights)
@@ -104,7 +104,7 @@ class SAR(BatchMethod):
         loss.backward()
         self.sam.ascend(ok_first)
 
-        entropy2 = shannon_entropy(self.model(x))  # full batch at theta + e
+        entropy2 = shannon_entropy(self.run_model(x))  # full batch at theta + e
         keep2 = (weights > 0) & (entropy2.detach() < self.margin())
         self.last_selection["entropy_margin_sam"] = keep2  # S2: what the update learns from (diagnostics)
         weights2 = torch.where(keep2, weights, torch.zeros_like(weights))

@@ -42,6 +42,16 @@ from .lr_rule import model_family
 
 #: ``torch.compile`` modes accepted for the networks (``None``: Inductor's default)
 COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+#: the ``torch.compile`` backend (tests set ``"aot_eager"``: the same tracing, graph breaks and
+#: recompilations, without Inductor's code generation, which takes minutes on a small CPU)
+BACKEND = "inductor"
+
+
+def compile_fn(fn: Callable[..., Any], mode: str | None = None) -> Callable[..., Any]:
+    """``torch.compile(fn)`` with static shapes, this module's backend and ``mode`` (Inductor only)."""
+    if BACKEND != "inductor" or mode == "default":
+        mode = None
+    return torch.compile(fn, dynamic=False, backend=BACKEND, mode=mode)
 
 
 @dataclass(frozen=True)
@@ -78,7 +88,7 @@ def compile_network(module: nn.Module, mode: str | None = None) -> Callable[[tor
     """``module`` compiled on its own (static shapes), callable from inside another compiled function
     without being inlined into it: the boundary keeps the network's graphs shared between methods.
     The module itself is left as it was (its state dict, and eager calls elsewhere, unchanged)."""
-    compiled = torch.compile(module, dynamic=False, mode=None if mode == "default" else mode)
+    compiled = compile_fn(module, mode)
 
     @torch.compiler.disable
     def call(x: torch.Tensor) -> torch.Tensor:
@@ -100,5 +110,5 @@ def compiled_graphs() -> int:
     return int(counters["stats"]["unique_graphs"])
 
 
-__all__ = ["COMPILE_MODES", "SpeedOptions", "compile_network", "compiled_graphs", "eager_boundary", "is_cnn",
+__all__ = ["BACKEND", "COMPILE_MODES", "SpeedOptions", "compile_fn", "compile_network", "compiled_graphs", "eager_boundary", "is_cnn",
            "resolve"]

@@ -16,6 +16,7 @@ named parameter of the model at every step.
 from __future__ import annotations
 
 import contextlib
+import math
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -43,16 +44,44 @@ def images_of(batch: Any) -> torch.Tensor:
                      f"(images, labels) tuples, dicts with 'images', or stream batches")
 
 
+def check_fisher_images(images: Any, where: str = "fisher_data") -> torch.Tensor:
+    """Check Fisher images like a test batch, with a ``ValueError`` naming ``where``: a float
+    tensor ``(N, C, H, W)`` in [0, 1] (1e-3 tolerance), finite. A uint8 batch, NaN/Inf or 0..255
+    floats would otherwise give a non-finite or meaningless Fisher, and with it every EATA update
+    skipped or anchored to nothing. Costs one host sync (Fisher estimation is a one-off setup)."""
+    if not torch.is_tensor(images):
+        raise ValueError(f"{where}: expected a tensor of images, got {type(images).__name__}")
+    if images.ndim != 4:
+        raise ValueError(f"{where}: Fisher images must have shape (N, C, H, W), got {tuple(images.shape)}")
+    if not images.is_floating_point():
+        raise ValueError(f"{where}: expected float images in [0, 1], got dtype {images.dtype} "
+                         f"(convert uint8 images with images.float() / 255)")
+    if images.numel() == 0:
+        return images
+    low, high = torch.stack(torch.aminmax(images.detach())).float().tolist()
+    if not (math.isfinite(low) and math.isfinite(high)):
+        raise ValueError(f"{where}: the Fisher images contain NaN or Inf values; the Fisher would not be finite")
+    if low < -1e-3 or high > 1 + 1e-3:
+        raise ValueError(f"{where}: expected images in [0, 1] (the model applies its normalisation itself), got "
+                         f"values in [{low:.4g}, {high:.4g}]")
+    return images
+
+
+def check_fisher_data(data: Any) -> None:
+    """Check ``fisher_data`` at construction when it is one tensor of images (an iterable of
+    batches is checked batch by batch when the Fisher is estimated)."""
+    if torch.is_tensor(data):
+        check_fisher_images(data)
+
+
 def iterate_batches(data: Any, batch_size: int) -> Iterable[torch.Tensor]:
     """Image batches from ``data``: one tensor of images (cut into ``batch_size`` chunks) or an
     iterable of batches (see :func:`images_of`)."""
     if torch.is_tensor(data):
-        if data.ndim != 4:
-            raise ValueError(f"Fisher images must have shape (N, C, H, W), got {tuple(data.shape)}")
-        yield from data.split(batch_size)
+        yield from check_fisher_images(data).split(batch_size)
         return
-    for batch in data:
-        yield images_of(batch)
+    for i, batch in enumerate(data):
+        yield check_fisher_images(images_of(batch), f"fisher_data batch {i}")
 
 
 def estimate_fisher(model: nn.Module, params: Sequence[nn.Parameter], data: Any, *, fisher_size: int = 2000,
@@ -93,6 +122,9 @@ def estimate_fisher(model: nn.Module, params: Sequence[nn.Parameter], data: Any,
     if batches == 0:
         raise ValueError("the Fisher data gave no images")
     torch._foreach_div_(fisher, float(batches))
+    if not bool(torch.stack([f.isfinite().all() for f in fisher]).all()):  # one sync, once
+        raise ValueError("the Fisher estimate is not finite (the model gives non-finite gradients on the Fisher "
+                         "images): check the model and the images")
     anchor = [p.detach().clone() for p in params]
     return fisher, anchor, {"num_samples": seen, "num_batches": batches}
 

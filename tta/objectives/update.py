@@ -86,6 +86,7 @@ class GuardedStep:
         self.params = [p for g in optimizer.param_groups for p in g["params"]]
         self.device_side = isinstance(optimizer, _PRIMABLE)
         self._snapshot: list[torch.Tensor] | None = None
+        self._primed: dict[torch.Tensor, dict[str, object]] = {}
 
     def _state_tensors(self) -> list[torch.Tensor]:
         tensors = list(self.params)
@@ -96,10 +97,36 @@ class GuardedStep:
     def prime(self) -> None:
         """Create the optimizer state (zeros) for parameters that have none, on their current device.
 
-        Cheap when nothing is missing; run it outside a compiled region (``Method`` does before each
-        batch) so that a compiled step never sees the state change."""
-        if self.device_side and len(self.optimizer.state) < len(self.params):
+        Also allocates the snapshot buffers. Cheap when nothing is missing; run it outside a compiled
+        region (``Method`` does before each batch) so that a compiled step never sees the state change."""
+        if not self.device_side:
+            return
+        if len(self.optimizer.state) < len(self.params):
+            self._reuse_primed_state()
             _prime_state(self.optimizer)
+            if not isinstance(self.optimizer, torch.optim.SGD):
+                for group in self.optimizer.param_groups:  # a reloaded param group lost the flag
+                    if any(p.is_cuda for p in group["params"]):
+                        group["capturable"] = True
+            self._primed = {p: dict(self.optimizer.state[p]) for p in self.params}
+        if self._snapshot is None:
+            self._snapshot = [torch.empty_like(t) for t in self._state_tensors()]
+
+    @torch.no_grad()
+    def _reuse_primed_state(self) -> None:
+        """After ``optimizer.load_state_dict`` of an empty state (a method's reset), put back the
+        tensors primed before, zeroed in place: the same fresh state, in the same tensors, so a
+        compiled step (which guards on the optimizer state's identity) does not recompile."""
+        for p, old in self._primed.items():
+            state = self.optimizer.state[p]
+            if state or not old:
+                continue
+            tensors = [v for v in old.values() if torch.is_tensor(v)]
+            if any(t.device != p.device for t in tensors) or any(
+                    v.shape != p.shape for k, v in old.items() if k != "step" and torch.is_tensor(v)):
+                continue
+            torch._foreach_zero_(tensors)
+            state.update(old)
 
     def _snapshot_of(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
         """Copy ``tensors`` into persistent snapshot buffers (one multi-tensor copy, reallocated only

@@ -17,7 +17,6 @@ Every policy declares its contract with the methods:
 """
 from __future__ import annotations
 
-from functools import cached_property
 from typing import Any, Callable, ClassVar
 
 import torch
@@ -68,15 +67,17 @@ class BatchContext:
             self._cache[key] = compute()
         return self._cache[key]
 
-    @cached_property
+    # plain properties over ``cached``: the lock of functools' cached property (Python < 3.12) is not
+    # traceable by ``torch.compile``, so a compiled step would fall back to eager there
+    @property
     def entropy(self) -> torch.Tensor:
-        """Per-sample Shannon entropy of the adapted logits (differentiable)."""
-        return shannon_entropy(self.logits, dim=1)
+        """Per-sample Shannon entropy of the adapted logits (differentiable), computed once."""
+        return self.cached("entropy", lambda: shannon_entropy(self.logits, dim=1))
 
-    @cached_property
+    @property
     def probs(self) -> torch.Tensor:
-        """Detached softmax probabilities of the adapted logits."""
-        return self.logits.detach().float().softmax(dim=1)
+        """Detached softmax probabilities of the adapted logits, computed once."""
+        return self.cached("probs", lambda: self.logits.detach().float().softmax(dim=1))
 
     def source_logits(self) -> torch.Tensor:
         """Logits of the frozen source model on the whole batch (no grad), computed once."""

@@ -180,10 +180,16 @@ class PLPD(Policy):
             return f"destroyed_logits:pixel:{self.seed}"
         return f"destroyed_logits:occ:{self.occlusion_size}:{self.row_start}:{self.column_start}"
 
+    @torch.compiler.disable  # eager in a compiled step: a size read on the host and CPU-RNG permutations
     def destroyed_logits(self, ctx: BatchContext, alive: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(computed, logits)``: the destroyed view's logits (float32, batch-sized) for the rows in
         ``computed`` (a mask covering ``alive``), zeros elsewhere. Cached in ``ctx`` per transform;
-        a later request for samples the cached forward did not include recomputes it."""
+        a later request for samples the cached forward did not include recomputes it.
+
+        The size of the alive subset is read on the host (the one sync of DeYO's step): the official
+        code forwards ``x[S1]``, so BatchNorm normalises with the statistics of that subset only, and
+        a forward of the whole batch would change them. Under ``torch.compile`` this function runs
+        eagerly (its input size varies from batch to batch)."""
         entry = ctx.cached(self.cache_key(), dict)
         if "logits" in entry and (alive is entry["alive"] or not bool((alive & ~entry["computed"]).any())):
             return entry["computed"], entry["logits"]

@@ -1,0 +1,189 @@
+"""No host synchronisation in the steady-state step of any batch method, nor in the engine loop.
+
+On a GPU a host sync stalls the CPU until the GPU has caught up, so the next kernels are queued
+late and the GPU idles. Here, on the CPU, every dispatched op that would force one on a GPU is
+counted with a ``TorchDispatchMode``: reading a value on the host (``aten._local_scalar_dense``:
+``.item()``, ``bool(t)``, ``int(t)``, ``.tolist()``), and ops whose output size depends on the values
+(``nonzero``, ``masked_select``, boolean-mask indexing, ``unique``, ...). Counted over batches
+after a warm-up, with ``nonfinite="skip"`` and ``input_range=None`` (the input check's NaN/range
+test is one documented sync per batch, on by default, and not part of the step).
+
+The one sync left is named: DeYO's PLPD reads the number of samples still alive, to forward the
+destroyed images of exactly those (the official ``x[S1]``, whose BatchNorm statistics are those
+of the subset; see :meth:`tta.policies.plpd.PLPD.destroyed_logits`).
+"""
+from __future__ import annotations
+
+import traceback
+from collections import Counter
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import tta.methods as methods
+from tta import engine
+from tta.data.stream import Batch
+from tta.models import load_classifier
+
+aten = torch.ops.aten
+
+#: ops that read a device value on the host, or whose output size depends on the values
+SYNCING = {
+    aten._local_scalar_dense.default, aten.item.default, aten.is_nonzero.default, aten.equal.default,
+    aten.nonzero.default, aten.masked_select.default, aten.allclose.default,
+    aten._unique.default, aten._unique2.default, aten.unique_dim.default, aten.unique_consecutive.default,
+    aten.repeat_interleave.Tensor, aten.bincount.default, aten.masked_scatter.default,
+}
+INDEXING = {aten.index.Tensor, aten.index_put.default, aten.index_put_.default, aten._index_put_impl_.default}
+
+#: the syncs a method's step may do, each with the function that does it and why
+ALLOWED = {
+    # DeYO's PLPD forwards the destroyed images of the alive samples only (BatchNorm statistics of
+    # that subset, as the official x[S1]): the subset's size is read on the host, once per batch
+    "deyo": {("plpd.py", "destroyed_logits"): 1},
+}
+
+BATCHES = 3  # counted batches, after a warm-up of two
+
+
+class SyncCounter(TorchDispatchMode):
+    """Counts syncing ops, with where (file, function) in ``tta`` each came from."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: Counter[str] = Counter()
+        self.sites: Counter[tuple[str, str]] = Counter()
+        self.stacks: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        syncing = func in SYNCING
+        if func in INDEXING and len(args) > 1:  # a bool/uint8 mask index is a nonzero in disguise
+            syncing = any(t is not None and torch.is_tensor(t) and t.dtype in (torch.bool, torch.uint8)
+                          for t in args[1])
+        if syncing:
+            self.ops[str(func)] += 1
+            frames = [f for f in traceback.extract_stack() if "/tta/" in f.filename.replace("\\", "/")]
+            site = (frames[-1].filename.rsplit("/", 1)[-1], frames[-1].name) if frames else ("?", "?")
+            self.sites[site] += 1
+            self.stacks.append("".join(traceback.format_list(frames[-6:])))
+        return func(*args, **kwargs)
+
+    def report(self) -> str:
+        return f"{dict(self.ops)} at {dict(self.sites)}\n" + "\n".join(self.stacks[:3])
+
+
+def test_counter_sees_the_syncs_it_must_see():
+    """The counter is not blind: ``.item()``, ``bool()``, mask indexing and ``nonzero`` are counted."""
+    x = torch.rand(8)
+    with SyncCounter() as counter:
+        x.sum().item()
+        bool((x > 0.5).any())
+        x[x > 0.5]
+        torch.nonzero(x > 0.5)
+        x.masked_select(x > 0.5)
+        x[torch.arange(3)]  # an integer index is not a sync
+        torch.where(x > 0.5, x, 0.0)  # nor a where
+    assert sum(counter.ops.values()) == 5, counter.report()
+
+
+def digits_batches(n: int, size: int = 16, seed: int = 0) -> list[torch.Tensor]:
+    """Noisy digits (severity-5-like Gaussian noise), so the filters keep some samples and drop others."""
+    from tta.data.digits import load_digits_split
+
+    images, _ = load_digits_split("test")
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randperm(len(images), generator=g)[: n * size]
+    noisy = (images[idx] + 0.3 * torch.randn(images[idx].shape, generator=g)).clamp(0, 1)
+    return list(noisy.split(size))
+
+
+def build(name: str, **kwargs):
+    if name in ("eata", "eata_c"):
+        kwargs["fisher_data"] = digits_batches(2, seed=9)
+    return methods.build(name, load_classifier("digits_cnn"), batch_size=16, nonfinite="skip", input_range=None,
+                         **kwargs)
+
+
+@pytest.mark.parametrize("name", ["source", "norm", "tent", "eta", "eata", "sar", "deyo", "crowds", "eata_c"])
+def test_steady_state_step_has_no_host_sync(name):
+    method = build(name)
+    xs = digits_batches(2 + BATCHES)
+    for x in xs[:2]:  # warm-up: optimizer state, the Fisher, the frozen copy
+        method(x)
+    with SyncCounter() as counter:
+        for x in xs[2:]:
+            method(x)
+    expected = {site: n * BATCHES for site, n in ALLOWED.get(name, {}).items()}
+    assert dict(counter.sites) == expected, counter.report()
+    counts = method.stats()["counters"]
+    assert counts["batches"] == 2 + BATCHES
+    if method.learns:  # the filters did real work on these batches (not all kept, not all dropped)
+        assert counts["backwards"] >= 2 + BATCHES
+
+
+def test_sar_recovery_and_guarded_skip_have_no_host_sync():
+    """The paths taken only sometimes: a SAR model recovery (EMA below its threshold) and a step
+    undone on the device (a non-finite batch) stay sync-free too."""
+    sar = build("sar", reset_constant=1e9)  # every batch with a valid EMA triggers a recovery
+    tent = build("tent")
+    xs = digits_batches(2 + BATCHES)
+    bad = xs[-1].clone()
+    bad[0, 0, 0, 0] = float("nan")
+    for x in xs[:2]:
+        sar(x)
+        tent(x)
+    with SyncCounter() as counter:
+        for x in xs[2:]:
+            sar(x)
+        tent(bad)
+    assert not counter.ops, counter.report()
+    assert sar.stats()["counters"]["recoveries"] >= 1
+    assert tent.stats()["counters"]["skipped_nonfinite"] == 1
+
+
+class _CountedStream:
+    """A stream of ``Batch`` objects that counts syncs from its ``start``-th batch until it is exhausted
+    (the engine's steady state between log points: ``log_every`` is larger than the stream)."""
+
+    def __init__(self, batches: list[Batch], start: int):
+        self.batches, self.start = batches, start
+        self.counter = SyncCounter()
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self):
+        for i, batch in enumerate(self.batches):
+            if i == self.start:
+                self.counter.__enter__()
+            yield batch
+        if len(self.batches) > self.start:
+            self.counter.__exit__(None, None, None)
+
+
+def _engine_batches(domains: tuple[str, ...], per_domain: int) -> list[Batch]:
+    from tta.data.digits import load_digits_split
+
+    _, labels = load_digits_split("test")
+    out = []
+    for d, domain in enumerate(domains):
+        for k, x in enumerate(digits_batches(per_domain, seed=d)):
+            n = x.shape[0]
+            ids = torch.arange(n) + 1000 * d + n * k
+            out.append(Batch(images=x, labels=labels[:n].clone(), ids=ids, domain=domain))
+    return out
+
+
+@pytest.mark.parametrize("name", ["tent", "eata", "sar"])
+def test_engine_loop_has_no_host_sync_between_log_points(name):
+    """``engine.run`` over two domains (the reset between them included), progress bar on with a
+    ``log_every`` beyond the stream: from the second batch to the end of the stream, no sync."""
+    batches = _engine_batches(("gaussian_noise", "contrast"), per_domain=3)
+    stream = _CountedStream(batches, start=1)
+    method = build(name)
+    out = engine.run(method, stream, device="cpu", progress=True, log_every=10_000)
+    assert not stream.counter.ops, stream.counter.report()
+    assert set(out["results"]["domains"]) == {"gaussian_noise", "contrast"}
+    assert out["stats"]["counters"]["batches"] == len(batches)
