@@ -42,10 +42,14 @@ def sync(device: torch.device) -> None:
 
 
 class Timed:
-    """The stream's batches; the clock starts when batch ``warmup`` is handed out."""
+    """The stream's batches; the clock runs from when batch ``warmup`` is handed out until the loop asks
+    for the batch after the last one (the device synchronised then), so the engine's work after the
+    loop (results, summaries) is not counted."""
 
     def __init__(self, stream, warmup: int, device: torch.device):
-        self.stream, self.warmup, self.device, self.start, self.images = stream, warmup, device, None, 0
+        self.stream, self.warmup, self.device = stream, warmup, device
+        self.start = self.end = None
+        self.images = 0
 
     def __len__(self) -> int:
         return len(self.stream)
@@ -58,6 +62,8 @@ class Timed:
             if i >= self.warmup:
                 self.images += batch.images.shape[0]
             yield batch
+        sync(self.device)
+        self.end = time.perf_counter()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -81,6 +87,7 @@ def main(argv: list[str] | None = None) -> None:
         args.model, args.batch_size, args.batches, args.warmup = "test_resnet", 4, 2, 1
         args.images, args.size, args.num_workers = args.images or 16, "96x80", 0
         args.corruptions = args.corruptions or "gaussian_noise,contrast"
+        torch.set_num_threads(1)  # tiny tensors: more threads only wait for each other
     device = torch.device(args.device)
     bs, total = args.batch_size, (args.warmup + args.batches) * args.batch_size
     root = args.folder or Path(tempfile.mkdtemp(prefix="tta-bench-e2e-"))
@@ -133,8 +140,9 @@ def main(argv: list[str] | None = None) -> None:
                        fast=row == "fast")
         else:
             raise SystemExit(f"unknown row {row!r}: stream, default or fast")
-        end = time.perf_counter()
-        seconds = end - timed.start
+        if timed.start is None or not timed.images:
+            raise SystemExit(f"the stream has no batch after the {args.warmup} warm-up ones (more --images)")
+        seconds = timed.end - timed.start
         per_s = timed.images / seconds
         label = {"stream": "stream alone", "default": f"stream + {args.method} (fp32 eager)",
                  "fast": f"stream + {args.method} fast"}[row]

@@ -41,7 +41,7 @@ if (( smoke )); then
 import torch; print(f"smoke run on CPU, torch {torch.__version__}")
 EOF
   run methods_smoke 300 python scripts/bench_methods.py --device cpu --model test_resnet --batch-size 8 \
-      --image-size 32 --iters 1 --warmup 1 --methods tent,deyo --fast
+      --image-size 32 --iters 1 --warmup 1 --methods tent,deyo --fast --threads 1
   run stream_smoke 300 python scripts/bench_stream_e2e.py --smoke --device cpu --method eata
   run clip_smoke 300 python scripts/bench_clip.py --arch tiny --device cpu --images 1 --warmup 0 --views 8 \
       --methods tpt,adte

@@ -28,7 +28,7 @@ def test_default_run_tent_on_digits_c_recovers_accuracy(tmp_path):
     assert len(record["results"]["domains"]) == 15
     assert mean["accuracy"] >= mean["source_accuracy"] + 0.15, mean
     assert "| **mean** |" in record["_stdout"]
-    # the run record of DESIGN.md
+    # the run record of docs/design.md
     for key in ("config", "versions", "model", "stream", "counts", "wall_time_s", "results"):
         assert key in record
     assert record["model"]["mean"] == [0.5, 0.5, 0.5]

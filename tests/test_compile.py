@@ -40,14 +40,16 @@ def _fresh_dynamo(monkeypatch):
     torch._dynamo.reset()
 
 
-def digits_c(sizes: list[int], seed: int = 0) -> list[torch.Tensor]:
-    """Digits test images under severity-5 Gaussian noise, cut into batches of ``sizes``."""
+def digits_c(sizes: list[int], seed: int = 0, labels: bool = False):
+    """Digits test images under severity-5 Gaussian noise, cut into batches of ``sizes`` (and their
+    labels, with ``labels=True``)."""
     from tta.data.corruptions import corrupt
     from tta.data.digits import load_digits_split
 
-    images, _ = load_digits_split("test")
+    images, targets = load_digits_split("test")
     idx = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[: sum(sizes)]
-    return list(corrupt(images[idx], "gaussian_noise", 5, seed=seed).split(sizes))
+    batches = list(corrupt(images[idx], "gaussian_noise", 5, seed=seed).split(sizes))
+    return (batches, list(targets[idx].split(sizes))) if labels else batches
 
 
 def build(name: str):
@@ -165,3 +167,36 @@ def test_inductor_compiled_tent_matches_eager(monkeypatch):
     monkeypatch.setattr(speed, "BACKEND", "inductor")
     compiled = check_against_eager("tent", INDUCTOR_ATOL, compile=True)
     check_recompiles("tent", compiled)
+
+
+def test_engine_fast_runs_the_preset_and_records_it():
+    """``engine.run(..., fast=True)`` (the CLI's ``fast=true``): the method runs prepared with the preset,
+    the outcome says which options were used, and the accuracy is that of the eager run up to bf16."""
+    from tta import engine
+    from tta.data.stream import Batch
+
+    images, labels = digits_c([16, 16, 16, 16], labels=True)
+    batches = [Batch(images=x, labels=y, ids=torch.arange(16) + 16 * i, domain=d)
+               for i, (x, y, d) in enumerate(zip(images, labels, ["a", "a", "b", "b"]))]
+    eager = engine.run(build("tent"), batches, device="cpu", progress=False)
+    fast = engine.run(build("tent"), batches, device="cpu", progress=False, fast=True)
+    assert eager["speed"] == {"amp": False, "channels_last": False, "compile": False, "compile_mode": None}
+    assert fast["speed"] == {"amp": True, "channels_last": True, "compile": True, "compile_mode": None}
+    assert abs(fast["results"]["mean"]["accuracy"] - eager["results"]["mean"]["accuracy"]) <= 0.05
+
+
+def test_a_copy_of_a_compiled_method_compiles_its_own_step():
+    """``copy.deepcopy`` of a compiled method adapts the copy, not the original (the compiled functions
+    are bound to the method they were made for)."""
+    import copy
+
+    x = digits_c([16])[0]
+    original = build("tent").prepare(compile=True)
+    original(x)
+    clone = copy.deepcopy(original)
+    before = {k: v.clone() for k, v in original.state_dict().items() if torch.is_tensor(v)}
+    clone(x)
+    after = original.state_dict()
+    assert all(torch.equal(v, after[k]) for k, v in before.items()), "the copy's call changed the original"
+    assert int(clone.counters.batches) == 2 and int(original.counters.batches) == 1
+    assert clone.speed.compile

@@ -1,4 +1,4 @@
-"""DiffTPT (METHODS.md section 8): the cosine filter, the 128-view layout, the two-stage selection,
+"""DiffTPT (docs/methods/difftpt.md): the cosine filter, the 128-view layout, the two-stage selection,
 4 steps with the selection fixed after the first, per-image reset, diffusion views for TPT/ADTE,
 seeded subsets, and the command line end to end (a second run generates nothing).
 
@@ -47,9 +47,9 @@ def clip_model(assets):
     return load_clip_classifier(assets["spec"][5:], class_names=CLASSES)
 
 
-# ------------------------------------------------------------------ reference selection (METHODS.md section 8)
+# ------------------------------------------------------------------ reference selection (docs/methods/difftpt.md)
 def official_selection(logits: torch.Tensor, cosine: float = 0.8, entropy: float = 0.3) -> set[int]:
-    """Step 2 + 3 of section 8 with index lists, as the released code does it: cosine of view 0's
+    """Steps 2 and 3 of docs/methods/difftpt.md with index lists, as the released code does it: cosine of view 0's
     logit vector to each other view, the top int(127 * 0.8) descending, view 0 prepended; then the
     int(102 * 0.3) lowest-entropy candidates. Returns the kept view indices."""
     sims = torch.stack([torch.nn.CosineSimilarity(dim=0)(logits[0], logits[i]) for i in range(1, len(logits))])

@@ -1,4 +1,4 @@
-"""Each method's step against a plain re-derivation from METHODS.md, written the way the official
+"""Each method's step against a plain re-derivation from docs/methods/, written the way the official
 code is written (index lists, ``.item()``, Python loops over parameters, ``torch.optim.SGD``).
 
 Tiny timm models with random weights; the head is scaled up so that the entropy filters keep some
@@ -27,7 +27,7 @@ LR = 0.05
 NORM = (nn.BatchNorm2d, nn.LayerNorm, nn.GroupNorm)
 
 
-# ---------------------------------------------------------------- helpers written from METHODS.md
+# ---------------------------------------------------------------- helpers written from docs/methods/
 def tiny(arch: str = "test_resnet", seed: int = 0, head_scale: float | None = None):
     head_scale = head_scale or (6.0 if arch == "test_resnet" else 20.0)
     torch.manual_seed(seed)

@@ -1,4 +1,4 @@
-"""TPT on a tiny random CLIP: parity with a re-derivation of azshue/TPT (METHODS.md section 7), the
+"""TPT on a tiny random CLIP: parity with a re-derivation of azshue/TPT (docs/methods/tpt.md), the
 episodic reset, the never-reset loss scaler, the tsallis policy, and the command line."""
 from __future__ import annotations
 

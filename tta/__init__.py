@@ -24,7 +24,7 @@ __version__ = "0.1.0"
 
 def adapt(model: nn.Module | str, method: str = "tent", *, extra_policies: Sequence[str] = (), inplace: bool = False,
           mean: Sequence[float] | None = None, std: Sequence[float] | None = None, protocol: str | None = None,
-          guard: str | Mapping[str, Any] | None = None, **overrides: Any) -> Method:
+          guard: str | Mapping[str, Any] | None = None, fast: bool = False, **overrides: Any) -> Method:
     """Wrap ``model`` so that it adapts online while it predicts.
 
     Args:
@@ -43,6 +43,9 @@ def adapt(model: nn.Module | str, method: str = "tent", *, extra_policies: Seque
             resets to the source state when the predictions collapse onto a few classes, or a dict
             of thresholds (``{"min_effective_classes": 3, "warmup": 20}``). Off by default (the
             papers' behaviour); resets are counted in ``stats()["counters"]["guard_resets"]``.
+        fast: the fast preset (:mod:`tta.methods.speed`): bf16 autocast, channels_last for CNNs and a
+            compiled adaptation step. The first calls compile (seconds to minutes), a batch of a new
+            size compiles once more. Off by default: fp32 and eager, as the papers ran.
         overrides: hyperparameters of the method (``lr=``, ``steps=``, ...), and the input checks:
             ``input_range=None`` accepts images outside [0, 1], ``nonfinite="skip"`` predicts on
             batches with NaN/Inf and drops their update.
@@ -75,6 +78,8 @@ def adapt(model: nn.Module | str, method: str = "tent", *, extra_policies: Seque
         from .guard import attach_guard
 
         attach_guard(adapted, guard)
+    if fast:
+        adapted.prepare(fast=True)
     return adapted
 
 

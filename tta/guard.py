@@ -23,7 +23,7 @@ The signal, after every call (from the logits the call returned):
 * optionally (``min_entropy``, in nats; off by default) an EMA of the mean per-sample entropy:
   below it, predictions have become overconfident (SAR's signal, there on its filtered loss).
 
-Everything is computed on the device and the reset is applied on the device (a ``lerp`` between
+Everything is computed on the device and the reset is applied on the device (a 0/1 select between
 the live state and the attach-time snapshot with weight 0 or 1, which reproduces either side
 exactly), so the guard adds no host synchronisation. A reset restores every tensor of the
 method's state except the counters: the adapted parameters, the model's buffers, the optimizer
@@ -43,6 +43,8 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 import torch
 from torch import nn
+
+from .objectives.update import select_
 
 if TYPE_CHECKING:  # the methods import this module lazily: no import cycle
     from .methods.core import Method
@@ -168,16 +170,7 @@ class CollapseGuard(nn.Module):
     def _restore(self, method: "Method", fire: torch.Tensor) -> None:
         tensors, state = self._live(method)
         sources = [self._buffers[f"source_{i}"] for i in range(len(tensors))]
-        floats: dict[tuple[torch.device, torch.dtype], tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
-        for t, s in zip(tensors, sources):
-            if t.is_floating_point():
-                group = floats.setdefault((t.device, t.dtype), ([], []))
-                group[0].append(t.data if isinstance(t, nn.Parameter) else t)
-                group[1].append(s)
-            else:
-                t.copy_(torch.where(fire.to(t.device), s, t))
-        for (device, dtype), (live, snap) in floats.items():
-            torch._foreach_lerp_(live, snap, fire.to(device=device, dtype=dtype))
+        select_([t.data if isinstance(t, nn.Parameter) else t for t in tensors], sources, fire)  # no host sync
         by_device: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
         for t in state:
             by_device.setdefault((t.device, t.dtype), []).append(t)

@@ -33,7 +33,7 @@ def device_name(device: torch.device) -> str:
 
 def build_record(*, config: dict[str, Any], model_info: dict[str, Any], method_hparams: dict[str, Any],
                  stream_info: dict[str, Any], outcome: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    """Assemble ``run.json`` from the parts of a run (see DESIGN.md, "Reproducible")."""
+    """Assemble ``run.json`` from the parts of a run (see docs/design.md, "Reproducible")."""
     return {
         "config": config,
         "versions": library_versions(),

@@ -194,7 +194,8 @@ def check_run_config(cfg: dict[str, Any]) -> None:
     every = cfg.get("checkpoint_every", 0)
     if not (isinstance(every, int) and not isinstance(every, bool) and every >= 0):
         errors.append(f"checkpoint_every must be an integer >= 0 (0: no checkpoints), got {every!r}")
-    for key in ("resume", "overwrite", "amp", "channels_last", "compile", "source_accuracy", "progress", "shuffle"):
+    for key in ("resume", "overwrite", "amp", "channels_last", "compile", "fast", "source_accuracy", "progress",
+                "shuffle"):
         if key in cfg and not isinstance(cfg[key], bool):
             errors.append(f"{key} must be true or false, got {cfg[key]!r}")
     if errors:
@@ -407,6 +408,7 @@ def _execute(cfg: dict[str, Any], out_dir: Path, overrides: list[str] | None = N
     resumable = session.prepare(method, device)  # guard; a checkpoint's state; the checkpoint writer
     outcome = engine.run(method, stream, source_model=source, device=device, amp=cfg.get("amp", False),
                          channels_last=cfg.get("channels_last", False), compile=cfg.get("compile", False),
+                         fast=cfg.get("fast", False),
                          progress=cfg.get("progress", True), **resumable, **engine_options)
     record = build_record(config=cfg, model_info=classifier.info.to_dict(), method_hparams=method.hparams(),
                           stream_info=stream.describe(), outcome=outcome, device=device)
@@ -414,6 +416,7 @@ def _execute(cfg: dict[str, Any], out_dir: Path, overrides: list[str] | None = N
     record["inputs"] = {**parts.record, **method.input_records()}  # what the method was handed beyond the batches
     record["protocol"] = protocol_record  # the benchmark protocol and where each hyperparameter came from
     record["selection"] = outcome.get("selection")  # what each selection stage kept, and its precision
+    record["speed"] = outcome.get("speed")  # the speed options used (fast=true resolved: amp, channels_last, compile)
     record.update(session.record())  # "status": "finished", checkpoints written, resumptions
     write_json(out_dir / "run.json", record)
     title = f"{method_name} on {data['name']} ({classifier.info.spec})"

@@ -5,7 +5,7 @@ DiffTPT adds to TPT's 64 augmented views 63 *variations* of the test image produ
 Stable Diffusion image variations (``lambdalabs/sd-image-variations-diffusers`` at revision
 ``v2.0``, guidance scale 3, otherwise diffusers defaults: 50 steps, 512x512). The model is
 conditioned on the test image after ToTensor, Resize((224, 224), bicubic, no antialias) and CLIP
-Normalize (METHODS.md section 8). :class:`DiffusionViews` produces these views with the same
+Normalize (docs/methods/difftpt.md). :class:`DiffusionViews` produces these views with the same
 pipeline and conditioning, seeds each variation, batches the work and caches the views on disk
 (:mod:`tta.augment.view_cache`). ``scripts/generate_diffusion_views.py`` pre-generates them for a
 whole dataset.

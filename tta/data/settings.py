@@ -127,7 +127,7 @@ def imbalance_order(labels: np.ndarray, *, imbalance_ratio: float = 500000, tota
                     steps: int | None = None, seed: int = 0) -> np.ndarray:
     """SAR/DeYO's online label-shift order ("label_shifts"): indices into ``labels``, with repeats.
 
-    The rule (METHODS.md §1): ``total`` samples (default ``2 N``: 100,000 for ImageNet-C's 50,000)
+    The rule (docs/benchmarks.md): ``total`` samples (default ``2 N``: 100,000 for ImageNet-C's 50,000)
     in ``steps`` time steps (default: the number of classes, 1,000) of equal size. The classes are
     shuffled once; at step ``t`` the dominant class is the ``t``-th of that order and each sample's
     label is drawn from ``q_t``: the dominant class with probability ``IR / (IR + C - 1)``, every

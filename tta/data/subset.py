@@ -1,7 +1,7 @@
 """Seeded subsets of a dataset: ``data.subset=N``, ``data.subset_seed``, ``data.subset_file``.
 
 DiffTPT evaluates on 1,000-image subsets (its generator draws 5 images per class of ImageNet-R;
-METHODS.md section 8), and its diffusion views cost about a minute of GPU time per image, so a
+docs/methods/difftpt.md), and its diffusion views cost about a minute of GPU time per image, so a
 run on a fixed, recorded subset is the normal way to run it. Any method can use the same option.
 
 * ``data.subset=N`` draws ``N`` samples without replacement, seeded by ``data.subset_seed``

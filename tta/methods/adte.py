@@ -1,4 +1,4 @@
-"""ADTE: adaptive debiasing Tsallis entropy (Jinx630/ADTE @ b9e6085, "[ICLR2026]"; METHODS.md section 9).
+"""ADTE: adaptive debiasing Tsallis entropy (Jinx630/ADTE @ b9e6085, "[ICLR2026]"; docs/methods/adte.md).
 
 Training-free and episodic, on a frozen CLIP (a ZERO-style pipeline, FarinaMatteo/zero): per test
 image, 64 views (the original + 63 random resized crops with flips), their zero-shot logits

@@ -70,7 +70,11 @@ class BatchMethod(Method):
         if self.speed.channels_last:  # the layout the compiled graphs were made for (a no-op when it is already)
             x = x.contiguous(memory_format=torch.channels_last)
         self.before_step()
-        step = self._compiled_adapt or self.adapt
+        step = self.adapt
+        if self.speed.compile:
+            if self._compiled_id != id(self):  # a copy of a compiled method: its own compiled step
+                self.compile_step(self.speed.compile_mode)
+            step = self._compiled_adapt
         logits = None
         for _ in range(self.steps):
             logits = step(x)
@@ -86,8 +90,10 @@ class BatchMethod(Method):
     # ------------------------------------------------------------------ compiled step
     #: per-network callables of a compiled step (``None``: eager, the modules themselves)
     _calls: dict[str, Callable[[torch.Tensor], torch.Tensor]] | None = None
-    #: the compiled ``adapt`` (``None``: eager)
+    #: the compiled ``adapt`` (``None``: eager), and ``id()`` of the method it was compiled for (a deep
+    #: copy holds the original's functions, bound to the original: it compiles its own)
     _compiled_adapt: Callable[[torch.Tensor], torch.Tensor] | None = None
+    _compiled_id: int | None = None
 
     def compile_step(self, mode: str | None = None) -> None:
         """Compile the whole step (:mod:`tta.methods.speed`): each network on its own behind a boundary,
@@ -96,8 +102,8 @@ class BatchMethod(Method):
         if self.frozen_source is not None:
             calls["source"] = compile_network(self.frozen_source, mode)
         self._calls = calls
-        self.before_step()
         self._compiled_adapt = compile_fn(self.adapt)
+        self._compiled_id = id(self)
 
     def run_model(self, x: torch.Tensor) -> torch.Tensor:
         """The adapted model's logits on ``x`` (its compiled graph when the step is compiled)."""

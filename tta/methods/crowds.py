@@ -3,7 +3,7 @@
 Paper: "Towards Open-Set Test-Time Adaptation Utilizing the Wisdom of Crowds in Entropy
 Minimization", https://arxiv.org/abs/2308.06879. **No official code was found**; this follows the
 paper's selection rule as re-implemented by the UniEnt authors (https://github.com/gaozhengqing/UniEnt,
-``imagenet/ostta.py``, ``criterion="ent"``); METHODS.md §6.
+``imagenet/ostta.py``, ``criterion="ent"``); docs/methods/crowds.md.
 """
 from __future__ import annotations
 

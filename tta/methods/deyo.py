@@ -2,7 +2,7 @@
 
 Paper: "Entropy is not Enough for Test-Time Adaptation: From the Perspective of Disentangled
 Factors", https://arxiv.org/abs/2403.07366. Official code: https://github.com/Jhyun17/DeYO
-(``methods/deyo.py``, ``config.py``, ``main.py``); METHODS.md §5.
+(``methods/deyo.py``, ``config.py``, ``main.py``); docs/methods/deyo.md.
 """
 from __future__ import annotations
 

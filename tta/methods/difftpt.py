@@ -1,5 +1,5 @@
 """DiffTPT: TPT with diffusion-generated views (Feng et al., ICCV 2023; chunmeifeng/DiffTPT @ 03f1169,
-METHODS.md section 8).
+docs/methods/difftpt.md).
 
 Per test image, episodically (TPT's loop, :class:`~tta.methods.tpt.TPT`, reused as it is):
 

@@ -1,7 +1,7 @@
 """ETA and EATA: efficient anti-forgetting test-time adaptation (Niu et al., ICML 2022).
 
 Paper: "Efficient Test-Time Model Adaptation without Forgetting", https://arxiv.org/abs/2204.02610.
-Official code: https://github.com/mr-eggplant/EATA (``eata.py``, ``main.py``); METHODS.md §3.
+Official code: https://github.com/mr-eggplant/EATA (``eata.py``, ``main.py``); docs/methods/eata.md.
 """
 from __future__ import annotations
 

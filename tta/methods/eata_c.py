@@ -1,6 +1,6 @@
 """EATA-C: EATA with calibration (Tan, Chen, Wu, Zhang, Chen, Zhao, Niu; arXiv 2403.11491, TPAMI 2025).
 
-**EXPERIMENTAL, NOT PARITY-CHECKED.** No official code was found (METHODS.md §3b); everything
+**EXPERIMENTAL, NOT PARITY-CHECKED.** No official code was found (docs/methods/eata_c.md); everything
 below except the abstract-level idea is a decision of this toolkit, marked [U].
 """
 from __future__ import annotations

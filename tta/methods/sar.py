@@ -1,7 +1,7 @@
 """SAR: sharpness-aware and reliable entropy minimisation (Niu et al., ICLR 2023).
 
 Paper: "Towards Stable Test-Time Adaptation in Dynamic Wild World", https://arxiv.org/abs/2302.12400.
-Official code: https://github.com/mr-eggplant/SAR (``sar.py``, ``sam.py``, ``main.py``); METHODS.md §4.
+Official code: https://github.com/mr-eggplant/SAR (``sar.py``, ``sam.py``, ``main.py``); docs/methods/sar.md.
 """
 from __future__ import annotations
 
@@ -47,7 +47,7 @@ class SAR(BatchMethod):
       ``empty_selection_steps``). ``skip_empty=True`` skips the update when ``S2`` is empty.
     * after a recovery the official code keeps the EMA value (``SAR.forward`` assigns the returned
       ``ema`` after ``reset()`` cleared it), so the model keeps being reset until the EMA climbs
-      back above 0.2; kept (METHODS.md §4 step 7 says "set to missing": the code says otherwise).
+      back above 0.2; kept (docs/methods/sar.md, step 7: the code keeps it).
       ``clear_ema_on_recovery=True`` clears it.
     * a recovery restores the weights but **not** the SGD momentum: SAR's ``reset()`` loads the
       state dict of its SAM wrapper, which does not hold the base SGD's momentum buffers (checked

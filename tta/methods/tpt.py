@@ -1,4 +1,4 @@
-"""TPT: test-time prompt tuning (Shu et al., NeurIPS 2022; azshue/TPT @ 63ecbac, METHODS.md section 7).
+"""TPT: test-time prompt tuning (Shu et al., NeurIPS 2022; azshue/TPT @ 63ecbac, docs/methods/tpt.md).
 
 Per test image, episodically:
 
