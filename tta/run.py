@@ -382,10 +382,10 @@ def _execute(cfg: dict[str, Any], out_dir: Path, overrides: list[str] | None = N
     data = dict(cfg["data"])
     method_cfg = dict(cfg["method"])
     method_name = method_cfg.pop("name")
-    num_classes = num_classes_of(data)
+    classifier = build_classifier(cfg, data, num_classes_of(data))
+    num_classes = num_classes_of(data) or classifier.num_classes  # an image folder may leave it to the model
     method_cfg, data, protocol_record = protocols.for_run(cfg, data, method_name, method_cfg,
                                                           method_defaults(method_name), num_classes, overrides)
-    classifier = build_classifier(cfg, data, num_classes)
     data, _ = fit_preprocess_to_model(data, classifier.info.input_size, crop_pct=classifier.info.crop_pct)
     source = copy.deepcopy(classifier) if cfg.get("source_accuracy", True) else None
     def make_stream(shuffle: bool):
