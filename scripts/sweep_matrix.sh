@@ -25,6 +25,7 @@ CORRUPTIONS=${CORRUPTIONS:-}
 BS1_SUBSET=${BS1_SUBSET:-100}
 PYTHON=${PYTHON:-python}
 
+mkdir -p "$(dirname "$OUT")"
 start=$(date +%s)
 i=0
 for setting in $SETTINGS; do
