@@ -4,7 +4,8 @@
     logits = method(x)      # predict on x with the current state, then adapt on x
     tta.methods.available()
 
-Layout: :mod:`.core` (the :class:`Method` core every method shares), two families over it
+Layout: :mod:`.core` (the :class:`Method` core every method shares; :mod:`.checks`, what it checks
+before anything changes), two families over it
 (:mod:`.batch` and :mod:`.views`), the recipes (one module per paper), :mod:`.inputs` (what a
 method declares it needs from the run), :mod:`.lr_rule` (the SAR/DeYO learning-rate rule) and the
 leaf :mod:`.registry`.
@@ -16,7 +17,8 @@ from typing import Any
 from torch import nn
 
 from .batch import BatchMethod
-from .core import Method, check_batch
+from .checks import check_batch
+from .core import Method
 from .inputs import INPUT_KINDS, RunInput
 from .lr_rule import model_family, niu_learning_rate
 from .registry import METHODS, available, register
