@@ -79,16 +79,16 @@ def make_optimizer(name: str, params: Sequence[nn.Parameter], lr: float, momentu
     raise ValueError(f"unknown optimizer {name!r}; use sgd, adam or adamw")
 
 
-def _locked(function: Callable[..., Any]) -> Callable[..., Any]:
-    """Run a method's ``function`` holding its lock (see :attr:`Method.lock`)."""
-    @functools.wraps(function)
+def _locked_reset(reset: Callable[..., Any]) -> Callable[..., Any]:
+    """A method's ``reset`` holding its lock (see :attr:`Method.lock`), then clearing the collapse
+    guard's signal (:mod:`tta.guard`): wrapped around every recipe's own ``reset`` too."""
+    @functools.wraps(reset)
     def locked(self: "Method", *args: Any, **kwargs: Any) -> Any:
         with self.lock:
-            out = function(self, *args, **kwargs)
-            if function.__name__ == "reset":
-                guard = self._modules.get("collapse_guard")
-                if guard is not None:
-                    guard.clear()
+            out = reset(self, *args, **kwargs)
+            guard = self._modules.get("collapse_guard")
+            if guard is not None:
+                guard.clear()
             return out
 
     locked.__tta_locked__ = True  # type: ignore[attr-defined]
@@ -143,7 +143,7 @@ class Method(nn.Module):
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         if "reset" in vars(cls) and not getattr(vars(cls)["reset"], "__tta_locked__", False):
-            cls.reset = _locked(vars(cls)["reset"])  # a recipe's reset() holds the lock too (thread model)
+            cls.reset = _locked_reset(vars(cls)["reset"])  # a recipe's reset() holds the lock too (thread model)
         if "__init__" not in vars(cls):
             return
         original = cls.__init__
@@ -371,7 +371,7 @@ class Method(nn.Module):
             "optimizer": copy.deepcopy(self.optimizer.state_dict()) if self.optimizer else None,
         }
 
-    @_locked
+    @_locked_reset
     def reset(self) -> None:
         """Back to the source state: model weights, optimizer state and the method's own state
         (the rollback of the save / restore / rollback API, see :meth:`state_dict`)."""
