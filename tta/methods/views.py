@@ -24,7 +24,7 @@ from ..augment.mixed_views import MODES as DIFFUSION_MODES
 from ..augment.mixed_views import DiffusionViewGenerator
 from ..augment.views import ViewGenerator
 from ..models.clip import ClipClassifier
-from ..policies import BatchContext, CandidateConfidence, Policy, ViewSelection
+from ..policies import BatchContext, Policy
 from .core import Method
 from .inputs import DIFFUSION_KEYWORDS, RunInput
 
@@ -106,15 +106,11 @@ class ViewMethod(Method):
         return ids.tolist() if torch.is_tensor(ids) else [int(i) for i in ids]
 
     # ------------------------------------------------------------------ policies over views
-    @staticmethod
-    def is_ranking(policy: Policy) -> bool:
-        """A view ranking stage (TPT's confidence, ADTE's Tsallis score, DiffTPT's entropy stage)."""
-        return isinstance(policy, (ViewSelection, CandidateConfidence))
-
     def combine_policies(self, own: list[Policy], extra: list[Policy]) -> list[Policy]:
-        """An extra view ranking replaces the method's own ranking stage; other policies add up."""
-        if any(self.is_ranking(p) for p in extra):
-            own = [p for p in own if not self.is_ranking(p)]
+        """An extra view ranking (``Policy.ranks_views``: TPT's confidence, ADTE's Tsallis score,
+        DiffTPT's entropy stage) replaces the method's own ranking stage; other policies add up."""
+        if any(p.ranks_views for p in extra):
+            own = [p for p in own if not p.ranks_views]
         return own + extra
 
     def context(self, views: torch.Tensor, logits: torch.Tensor, **extras: Any) -> BatchContext:

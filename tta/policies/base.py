@@ -110,6 +110,9 @@ class Policy(nn.Module):
     #: constructor defaults used when a method builds the policy by name as an *extra* policy
     #: (``extra_policies=[name]``); ``policy_kwargs`` override them
     extra_defaults: ClassVar[dict[str, Any]] = {}
+    #: a view-ranking stage (keeps the most confident views of an image); an extra ranking given to a
+    #: view method replaces the method's own ranking stage
+    ranks_views: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

@@ -31,6 +31,7 @@ class CandidateConfidence(Policy):
 
     level = "views"
     needs = ()
+    ranks_views = True  # DiffTPT's entropy stage
 
     def __init__(self, fraction: float = 0.3):
         super().__init__()

@@ -24,6 +24,7 @@ class ViewSelection(Policy):
 
     level = "views"
     needs = ()
+    ranks_views = True
 
     def __init__(self, fraction: float = 0.1):
         super().__init__()
