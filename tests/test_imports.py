@@ -116,3 +116,42 @@ def test_no_import_cycle_in_tta():
     found = cycles(import_graph())
     if found:
         pytest.fail("import cycles in tta/:\n" + "\n".join(" <-> ".join(c) for c in found))
+
+
+# ------------------------------------------------------------------------ what a start imports
+#: heavy modules an eager start must not import: the compiler (about 2.7 s on a small CPU) and
+#: torchvision, which imports the compiler itself (``torchvision.ops``)
+NOT_AT_START = ("torch._dynamo", "torch._inductor", "torchvision")
+
+
+def imported_modules(args: list[str]) -> set[str]:
+    """The modules a fresh interpreter imports running ``python -X importtime <args>`` (read from
+    importtime's report, so a process that exits early, like ``--help``, is covered too)."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-X", "importtime", *args], capture_output=True, text=True,
+                         cwd=PACKAGE.parent, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    names = set()
+    for line in out.stderr.splitlines():
+        if line.startswith("import time:") and "|" in line:
+            names.add(line.rsplit("|", 1)[1].strip())
+    assert "torch" in names  # the report was read
+    return names
+
+
+def heavy(loaded: set[str]) -> list[str]:
+    return sorted(m for m in loaded for name in NOT_AT_START if m == name or m.startswith(name + "."))
+
+
+def test_import_tta_does_not_import_the_compiler():
+    """``import tta`` imports neither ``torch._dynamo`` nor torchvision: the eager boundaries of the
+    compiled step are armed only when something compiles (:mod:`tta.compiling`), and torchvision is
+    imported where an image codec or transform is used."""
+    assert heavy(imported_modules(["-c", "import tta"])) == []
+
+
+@pytest.mark.slow
+def test_cli_help_does_not_import_the_compiler():
+    assert heavy(imported_modules(["-m", "tta.run", "--help"])) == []

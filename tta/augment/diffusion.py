@@ -25,8 +25,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torchvision.transforms.functional as TF
-from torchvision.transforms import InterpolationMode
 from tqdm.auto import tqdm
 
 from tta.augment.view_cache import InvalidCacheEntry, ViewCache
@@ -48,6 +46,9 @@ def clip_condition(images: torch.Tensor) -> torch.Tensor:
     It squashes the image to 224x224 (bicubic, no antialias, aspect ratio not kept) and
     normalises with the CLIP mean and std, as the official generator does.
     """
+    import torchvision.transforms.functional as TF  # here, not at import: torchvision loads torch._dynamo
+    from torchvision.transforms import InterpolationMode
+
     resized = TF.resize(images, [224, 224], interpolation=InterpolationMode.BICUBIC, antialias=False)
     return TF.normalize(resized, CLIP_MEAN, CLIP_STD)
 
@@ -325,6 +326,9 @@ class DiffusionViews:
             raise ValueError("images must be finite and in [0, 1] (ToTensor output)")
         if not self.spec.img2img:
             return clip_condition(images)
+        import torchvision.transforms.functional as TF
+        from torchvision.transforms import InterpolationMode
+
         side = [self.spec.resolution] * 2
         return TF.resize(images, side, InterpolationMode.BICUBIC, antialias=True).clamp_(0, 1)
 

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..compiling import eager_boundary
 from ..models.params import NORM_TYPES
 from ..objectives import shannon_entropy, weighted_mean
 from .eata import EATA
@@ -97,7 +98,7 @@ class EATAC(EATA):
         self.step(loss, weights)
         return logits.detach()
 
-    @torch.compiler.disable
+    @eager_boundary
     def subnet_logits(self, x: torch.Tensor) -> torch.Tensor:
         """Logits of the stochastic sub-network (eager even in a compiled step: its forward hooks and
         dropout masks stay exactly as without compile)."""

@@ -16,7 +16,9 @@ How a batch method's step is compiled (:meth:`tta.methods.batch.BatchMethod.comp
   graphs, the same every batch;
 * what cannot be traced stays eager behind a boundary: DeYO's PLPD re-forward of the samples still
   alive (its size is read on the host, and its permutations come from the CPU RNG as in the
-  official code) and EATA-C's stochastic sub-network forward (forward hooks, eager RNG).
+  official code) and EATA-C's stochastic sub-network forward (forward hooks, eager RNG). They are
+  marked with :func:`tta.compiling.eager_boundary`, which defers ``torch.compiler.disable`` (and so
+  the import of ``torch._dynamo``) until something is compiled.
 
 Shapes are static (``dynamic=False``): a new batch size (the smaller last batch of a domain)
 compiles once more, after which every batch of either size reuses its graphs. Dynamic shapes
@@ -38,6 +40,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from ..compiling import arm, eager_boundary
 from .lr_rule import model_family
 
 #: ``torch.compile`` modes accepted for the networks (``None``: Inductor's default)
@@ -48,7 +51,9 @@ BACKEND = "inductor"
 
 
 def compile_fn(fn: Callable[..., Any], mode: str | None = None) -> Callable[..., Any]:
-    """``torch.compile(fn)`` with static shapes, this module's backend and ``mode`` (Inductor only)."""
+    """``torch.compile(fn)`` with static shapes, this module's backend and ``mode`` (Inductor only).
+    Arms the eager boundaries first (:mod:`tta.compiling`)."""
+    arm()
     if BACKEND != "inductor" or mode == "default":
         mode = None
     return torch.compile(fn, dynamic=False, backend=BACKEND, mode=mode)
@@ -95,11 +100,6 @@ def compile_network(module: nn.Module, mode: str | None = None) -> Callable[[tor
         return compiled(x)
 
     return call
-
-
-def eager_boundary(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """``fn`` run eagerly even when called from a compiled step (a graph break, not a trace)."""
-    return torch.compiler.disable(fn)
 
 
 def compiled_graphs() -> int:

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ..compiling import eager_boundary
 from .base import BatchContext, Policy
 from .entropy_margin import entropy_threshold
 from .registry import register
@@ -180,7 +181,7 @@ class PLPD(Policy):
             return f"destroyed_logits:pixel:{self.seed}"
         return f"destroyed_logits:occ:{self.occlusion_size}:{self.row_start}:{self.column_start}"
 
-    @torch.compiler.disable  # eager in a compiled step: a size read on the host and CPU-RNG permutations
+    @eager_boundary  # eager in a compiled step: a size read on the host and CPU-RNG permutations
     def destroyed_logits(self, ctx: BatchContext, alive: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(computed, logits)``: the destroyed view's logits (float32, batch-sized) for the rows in
         ``computed`` (a mask covering ``alive``), zeros elsewhere. Cached in ``ctx`` per transform;
