@@ -10,6 +10,10 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+#: ``torch_settings``: every test leaves torch's global settings as it found them (see its docstring);
+#: ``pytester``: runs a small pytest session inside a test (``test_torch_settings.py``)
+pytest_plugins = ["torch_settings", "pytester"]
+
 
 @pytest.fixture(autouse=True)
 def _seed_and_one_thread():
