@@ -319,6 +319,27 @@ def test_sar_matches_reference():
     assert counters["forwards"] == 6 and counters["backwards"] == 6 and counters["second_kept"] == kept
 
 
+def test_sar_second_selection_drops_what_the_perturbed_forward_finds_uncertain():
+    """S2 is S1 minus the samples whose entropy at ``theta + e`` is no longer under the margin. Over
+    these four batches (SAR's rho, 0.05) S2 drops samples that S1 kept; the stage counts (``entropy_margin`` then ``entropy_margin_sam``),
+    ``second_kept`` and the parameters after each step equal the reference's, whose update learns
+    from S2 only."""
+    method, ref, params, opt = pair("sar", preset="sar")
+    ema, dropped, second = None, 0, 0
+    for x in batches(4, seed=11):
+        method(x)
+        _, ema, k1, k2 = sar_reference_step(ref, params, opt, x, 0.4 * math.log(C), ema)
+        stages = method.last_selection
+        assert list(stages) == ["entropy_margin", "entropy_margin_sam"]
+        assert int(stages["entropy_margin"].sum()) == k1 and int(stages["entropy_margin_sam"].sum()) == k2
+        assert not bool((stages["entropy_margin_sam"] & ~stages["entropy_margin"]).any())  # S2 within S1
+        assert_same_params(method, params)
+        dropped += k1 - k2
+        second += k2
+    assert dropped >= 2 and second > 0, (dropped, second)
+    assert method.stats()["counters"]["second_kept"] == second
+
+
 def test_sar_extra_policy_masks_both_selections():
     method, ref, params, opt = pair("sar", preset="sar", extra_policies=["entropy_margin"],
                                     policy_kwargs={"entropy_margin": {"fraction": 0.2}})

@@ -420,3 +420,29 @@ def test_the_two_keep_counts_and_the_entropy_forms():
     torch.testing.assert_close(shannon_entropy(logits.T, dim=0), entropy_of(logits))
     p = logits.softmax(1)
     assert torch.equal(shannon_entropy_of_probs(p), -(p * torch.log(p + 1e-8)).sum(-1))  # ADTE's smoothed form
+
+
+# ---------------------------------------------------------------- the Tsallis score, by hand
+#: four views of one image over five classes: the probabilities behind the view logits below
+TSALLIS_VIEWS = [(0.49, 0.49, 0.01, 0.005, 0.005), (0.9, 0.025, 0.025, 0.025, 0.025),
+                 (0.6, 0.37, 0.01, 0.01, 0.01), (0.85, 0.05, 0.05, 0.03, 0.02)]
+#: ``(1 - sum_c p_c^0.1) / (0.1 - 1)`` of each view, worked out by hand (to 6 digits)
+TSALLIS_Q01 = (2.967406, 3.061701, 3.053811, 3.162909)
+#: ``-sum_c p_c log p_c`` of each view, likewise
+SHANNON = (0.798118, 0.463712, 0.812524, 0.621151)
+
+
+def test_tsallis_score_by_hand_and_it_ranks_views_unlike_shannon():
+    """``score="tsallis"`` is ``(1 - sum p^q) / (q - 1)``: on four fixed views it gives the values
+    worked out by hand, and with half of the views kept it keeps the two that spread their mass over
+    two classes (views 0 and 2), where Shannon's entropy keeps the two with one dominant class and a
+    flat tail (views 1 and 3)."""
+    logits = torch.tensor(TSALLIS_VIEWS, dtype=torch.float64).log()
+    tsallis = policies.build("tsallis", num_classes=5, score="tsallis", q=0.1, fraction=0.5)
+    shannon = policies.build("tsallis", num_classes=5, score="shannon", fraction=0.5)
+    torch.testing.assert_close(tsallis.score(logits).double(), torch.tensor(TSALLIS_Q01, dtype=torch.float64),
+                               rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(shannon.score(logits).double(), torch.tensor(SHANNON, dtype=torch.float64),
+                               rtol=1e-5, atol=1e-6)
+    assert tsallis.select(logits).tolist() == [1.0, 0.0, 1.0, 0.0]
+    assert shannon.select(logits).tolist() == [0.0, 1.0, 0.0, 1.0]

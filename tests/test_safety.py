@@ -87,6 +87,48 @@ def test_malicious_state_file_is_refused_and_runs_nothing(tmp_path):
     assert not marker.exists()
 
 
+def _optimizer_state_with(state, where, bad):
+    """``state`` (a method's ``state_dict()``) with ``bad`` put into its optimizer state: as the
+    momentum buffer of the first parameter, or as the learning rate of the first parameter group."""
+    state = copy.deepcopy(state)
+    optimizer = state["_extra_state"]["optimizer"]
+    if where == "momentum_buffer":
+        first = next(iter(optimizer["state"].values()))
+        assert "momentum_buffer" in first  # Tent's SGD has momentum 0.9: the buffer is there to replace
+        first["momentum_buffer"] = bad
+    else:
+        optimizer["param_groups"][0]["lr"] = bad
+    return state
+
+
+@pytest.mark.parametrize("bad", [object(), b"\x80\x04K\x01."], ids=["object", "bytes"])
+@pytest.mark.parametrize("where", ["momentum_buffer", "lr"])
+def test_a_non_plain_value_inside_the_optimizer_state_loads_nothing(where, bad):
+    """An object or bytes where the optimizer state holds a tensor or a number is refused with a
+    ``ValueError`` before anything is loaded: the weights, the optimizer state and the counters stay
+    as they were, and the method keeps adapting as if the call had not happened. (A filter that let
+    any value through would load the object into the optimizer without an error, or fail later, in
+    a step.)"""
+    donor = build("tent")
+    donor(batches(1)[0])
+    poisoned = _optimizer_state_with(donor.state_dict(), where, bad)
+
+    victim, twin = build("tent"), build("tent")
+    for method in (victim, twin):
+        method(batches(1, seed=4)[0])
+    before = copy.deepcopy(victim.state_dict())
+    optimizer_before = copy.deepcopy(victim.optimizer.state_dict())
+    with pytest.raises(ValueError):
+        victim.load_state_dict(poisoned)
+    with pytest.raises(ValueError):
+        victim.set_extra_state(poisoned["_extra_state"])
+    assert tensors_equal(victim.state_dict(), before)
+    assert tensors_equal(victim.optimizer.state_dict(), optimizer_before)
+    nxt = batches(1, seed=5)[0]
+    torch.testing.assert_close(victim(nxt), twin(nxt), rtol=0, atol=0)
+    assert tensors_equal(victim.state_dict(), twin.state_dict())
+
+
 @pytest.mark.parametrize("name", BATCH_METHODS)
 def test_state_round_trips_through_a_weights_only_file(tmp_path, name):
     method = build(name)
