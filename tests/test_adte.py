@@ -192,6 +192,7 @@ def test_online_bias_works_from_the_first_sample(tiny_spec):
     assert int(method.estimator.entries) == 0 and float(method.ranking.q_index.max()) == pytest.approx(0.01)
 
 
+@pytest.mark.slow
 def test_cli_adte(tiny_spec, tmp_path):
     root = write_image_folder(tmp_path / "data", ["goldfish", "red_fox", "tabby_cat"], per_class=2)
     out = tmp_path / "sweep"

@@ -42,6 +42,7 @@ def test_norm_method_recovers_at_least_ten_points(tmp_path):
     assert mean["accuracy"] >= mean["source_accuracy"] + 0.10, mean
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("spec", ["timm:test_resnet", "timm:test_vit"])
 def test_any_timm_model_plugs_in(tmp_path, spec):
     record = run_cli(tmp_path, f"model={spec}", "model_pretrained=false", "data.corruptions=[gaussian_noise,fog]",
@@ -51,6 +52,7 @@ def test_any_timm_model_plugs_in(tmp_path, spec):
     assert set(record["results"]["domains"]) == {"gaussian_noise/3", "fog/3"}
 
 
+@pytest.mark.slow
 def test_same_seed_same_numbers_and_order(tmp_path):
     args = ("data.corruptions=[shot_noise]", "seed=3")
     a = run_cli(tmp_path / "a", *args)

@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 
 from data_fixtures import WNIDS, make_cifar_c, make_cifar_npy, make_imagenet_c, make_imagenet_val
 
@@ -72,6 +73,7 @@ IMAGENET_MODEL = ["model=timm:test_resnet", "model_pretrained=false", f"data.cla
                   "data.corruptions=[gaussian_noise,brightness]", "data.crop=64"]
 
 
+@pytest.mark.slow
 def test_cli_imagenet_c_released_every_setting(tmp_path):
     root = make_imagenet_c(tmp_path / "imagenet-c")
     clean = make_imagenet_val(tmp_path / "imagenet")
@@ -81,6 +83,7 @@ def test_cli_imagenet_c_released_every_setting(tmp_path):
     assert records["reset_each_shift"]["stream"]["domains"] == ["gaussian_noise/5", "brightness/5"]
 
 
+@pytest.mark.slow
 def test_cli_imagenet_c_onthefly_every_setting(tmp_path):
     root = make_imagenet_val(tmp_path / "imagenet", nested=False)
     (root / WNIDS[0] / "broken.JPEG").write_bytes(b"\xff\xd8 not really a jpeg")
@@ -93,6 +96,7 @@ def test_cli_imagenet_c_onthefly_every_setting(tmp_path):
     check_records(records, ["gaussian_noise", "brightness"], seed=3)
 
 
+@pytest.mark.slow
 def test_cli_cifar10_c_every_setting(tmp_path):
     root = make_cifar_c(tmp_path / "CIFAR-10-C", n=6)
     clean = make_cifar_npy(tmp_path / "cifar10", n=6)

@@ -227,6 +227,7 @@ def test_augmix_views():
     torch.testing.assert_close(augmix_view(crop, mixed_only), (crop * 255).round() / 255, atol=1e-6, rtol=0)
 
 
+@pytest.mark.slow
 def test_cli_batch_methods_on_clip(tiny_spec, image_root, tmp_path):
     """Tent and ETA (with the crowds policy) adapt the image LayerNorms of a CLIP model from the CLI."""
     out = tmp_path / "sweep"

@@ -133,8 +133,10 @@ def _mean_change(name: str, severity: int, images: list[np.ndarray], draws: int,
 
 
 # The reference glass blur loops over pixels in Python (about 0.1 s per 96 px image and a second
-# per 224 px one), so the random corruptions are compared at 96 px and at 32 px.
-@pytest.mark.parametrize("name", RANDOM)
+# per 224 px one), so the random corruptions are compared at 96 px and at 32 px. Spatter and frost
+# need many draws to estimate their mean change (DRAWS): slow.
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in ("spatter", "frost") else n
+                                  for n in RANDOM])
 def test_random_matches_reference_in_distribution(name, reference, photos):
     for size, draws in zip((96, 32), DRAWS.get(name, (3, 3))):
         for severity in SEVERITIES:

@@ -366,6 +366,7 @@ def run_cli(out: Path, *overrides: str) -> dict:
     return json.loads((out / "run.json").read_text())
 
 
+@pytest.mark.slow
 def test_cli_end_to_end_second_run_generates_nothing(assets, tmp_path):
     args = (f"model={assets['spec']}", "method=difftpt", f"augment.diffusion.pipeline={assets['pipe']}",
             "augment.diffusion.num_views=3", "augment.diffusion.steps=2",

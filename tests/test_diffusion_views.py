@@ -177,6 +177,7 @@ def test_script_subset_and_shards():
     assert sorted(sum(shards, [])) == per_class
 
 
+@pytest.mark.slow
 def test_script_resumes_after_a_stop(variation_pipeline, tmp_path):
     root = tmp_path / "images"
     rng = np.random.default_rng(0)
@@ -212,6 +213,7 @@ def test_script_resumes_after_a_stop(variation_pipeline, tmp_path):
     assert views.stats["generated"] == 0
 
 
+@pytest.mark.slow
 def test_script_killed_midway_finishes_the_rest_without_redoing_work(variation_pipeline, tmp_path):
     """SIGKILL the generator once its first views are on disk; the rerun only does what is missing."""
     import signal

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from torch import nn
 
@@ -45,6 +46,7 @@ def test_groupnorm_predictions_do_not_depend_on_the_batch():
     torch.testing.assert_close(together, source, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_digits_gn_runs_in_every_setting(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
     sweep = tmp_path / "sweep"

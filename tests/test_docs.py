@@ -145,6 +145,7 @@ def test_every_registered_policy_has_its_section():
 
 
 # ------------------------------------------------------------------------------ the strict build
+@pytest.mark.slow
 def test_mkdocs_build_strict(tmp_path):
     if importlib.util.find_spec("mkdocs") is None:
         pytest.skip('MkDocs is not installed: pip install -e ".[docs]" (CI installs it and runs this test)')

@@ -39,6 +39,7 @@ def eata_record(path: Path) -> dict:
     return record["method"]
 
 
+@pytest.mark.slow
 def test_onthefly_imagenet_c_fisher_from_the_clean_root(tmp_path):
     root = make_imagenet_val(tmp_path / "imagenet", per_class=4, nested=False)  # 12 clean images
     run_cli(["data=imagenet_c_onthefly", f"data.root={root}", "data.resize=72", *MODEL], tmp_path / "run")
@@ -47,6 +48,7 @@ def test_onthefly_imagenet_c_fisher_from_the_clean_root(tmp_path):
     assert hp["fisher_size"] == 8 and hp["fisher_tensors"] > 0 and "saved_to" not in hp
 
 
+@pytest.mark.slow
 def test_released_imagenet_c_fisher_path_is_computed_once_then_loaded(tmp_path):
     """A sweep with one method.fisher_path: the first run estimates the Fisher from data.clean_root and
     saves it there, the second loads that file (and does not need to read the clean images)."""

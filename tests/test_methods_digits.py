@@ -23,9 +23,6 @@ CORRUPTIONS = ["gaussian_noise", "defocus_blur", "contrast"]
 MARGIN = 0.15  # above the source model
 NORM_TOLERANCE = 0.01  # at most one point below BN adaptation
 
-pytestmark = pytest.mark.slow
-
-
 @pytest.fixture(scope="module")
 def stream():
     config = dict(load_data_config("digits_c"))
@@ -51,6 +48,25 @@ def norm_accuracy(stream):
     return baseline_accuracy("norm", stream)
 
 
+def test_tent_learns_and_matches_norm_on_one_corruption():
+    """The quick tier's real signal: Tent on gaussian noise alone beats the source model by the margin,
+    matches ``norm`` and takes steps that move its parameters."""
+    config = dict(load_data_config("digits_c"))
+    config["corruptions"] = ["gaussian_noise"]
+    built, options = build_stream(config, severity=5, seed=0, batch_size=64)
+    batches = list(built)
+    source = baseline_accuracy("source", (batches, options))
+    norm = baseline_accuracy("norm", (batches, options))
+    method = methods.build("tent", load_classifier("digits_cnn"), batch_size=64)
+    before = [p.detach().clone() for p in method.adapted_parameters()]
+    out = engine.run(method, batches, progress=False, device="cpu", **options)
+    accuracy = out["results"]["mean"]["accuracy"]
+    assert accuracy >= source + MARGIN and accuracy >= norm - NORM_TOLERANCE, (accuracy, source, norm)
+    assert out["stats"]["counters"]["steps"] == len(batches)
+    assert any(not torch.equal(p.detach(), q) for p, q in zip(method.adapted_parameters(), before))
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["tent", "eta", "eata", "sar", "deyo", "crowds", "eata_c"])
 def test_method_learns_and_matches_norm_on_digits_c(name, stream, source_accuracy, norm_accuracy):
     batches, options = stream

@@ -92,6 +92,7 @@ def test_py_spec_errors_say_what_is_wrong(user_dir):
         load_classifier("py:mynet")
 
 
+@pytest.mark.slow
 def test_cli_runs_a_users_class_like_the_builtin_model(user_dir):
     """One Hydra multirun: the shipped digits model and the user's class with the same weights, given the
     digits normalisation in the README's list form, give the same numbers on digits-C."""
@@ -250,6 +251,7 @@ def build():
 '''
 
 
+@pytest.mark.slow
 def test_cli_runs_a_greyscale_model_on_rgb_data_and_records_the_conversion(tmp_path):
     """A 1-channel model end to end on digits-C (RGB): the stream converts to luma after the corruption and
     run.json says so; the model's input channels come from its first convolution."""

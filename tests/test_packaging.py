@@ -1,4 +1,5 @@
 """A normal (non-editable) install carries the data configs, Hydra configs, weights and textures."""
+import configparser
 import shutil
 import subprocess
 import sys
@@ -7,14 +8,35 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+#: what a build reads: the package's sources and data, and the files that describe it
+BUILD_INPUTS = ("setup.cfg", "pyproject.toml", "README.md", "tta", "data_configs")
+
+
+def test_every_package_directory_is_declared():
+    """Each folder of ``tta/`` holding Python modules is a package listed in ``setup.cfg`` (a folder
+    missing from ``packages`` is silently left out of a non-editable install)."""
+    config = configparser.ConfigParser()
+    config.read(REPO / "setup.cfg")
+    declared = set(config["options"]["packages"].split())
+    found = {".".join(p.parent.relative_to(REPO).parts) for p in (REPO / "tta").rglob("__init__.py")
+             if "__pycache__" not in p.parts}
+    found.add("tta.data_configs")  # package_dir maps it to data_configs/
+    assert found == declared
 
 
 @pytest.mark.slow
 def test_non_editable_install_finds_its_data(tmp_path):
-    # build from a copy: an in-tree build would write build/ into the checkout and could package stale files
+    # build from a copy of what a build reads (an in-tree build would write build/ into the checkout;
+    # copying the whole checkout would copy a virtual environment kept inside it, gigabytes)
     source = tmp_path / "src"
-    shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(".git", "build", "*.egg-info", "outputs", "multirun",
-                                                                "__pycache__", ".pytest_cache", ".whl"))
+    source.mkdir()
+    ignore = shutil.ignore_patterns("__pycache__", "*.egg-info")
+    for name in BUILD_INPUTS:
+        path = REPO / name
+        if path.is_dir():
+            shutil.copytree(path, source / name, ignore=ignore)
+        else:
+            shutil.copy2(path, source / name)
     target = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
                     "--target", str(target), str(source)], check=True, capture_output=True, timeout=300)

@@ -153,6 +153,7 @@ def test_adapt_warns_once_about_a_1000_class_margin_on_10_classes():
     assert len([w for w in caught if "d_margin" in str(w.message)]) == 1
 
 
+@pytest.mark.slow
 def test_cli_records_protocol_and_origins_on_a_tiny_cifar(tmp_path):
     root = make_cifar_npy(tmp_path / "cifar10", n=8)
     out = tmp_path / "run"

@@ -55,6 +55,7 @@ def same_run(a, b):
     assert a.get("selection") == b.get("selection")
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_results_of_an_uninterrupted_run(tmp_path):
     import threading
 

@@ -144,6 +144,7 @@ LEARNING = {"tent": [], "eta": ["entropy_margin", "redundancy", "eata_weight"],
             "sar": ["entropy_margin", "entropy_margin_sam"], "deyo": ["entropy_margin", "plpd"], "crowds": ["crowds"]}
 
 
+@pytest.mark.slow
 def test_every_learning_method_on_digits_c_records_its_selection(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
     sweep = tmp_path / "sweep"

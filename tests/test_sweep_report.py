@@ -33,6 +33,7 @@ def test_sweep_then_report(tmp_path):
     assert (sweep / "selection.png").stat().st_size > 1000
 
 
+@pytest.mark.slow
 def test_sweep_through_the_submitit_launcher(tmp_path):
     """The launcher that runs sweeps on SLURM (``hydra/launcher=submitit_slurm``), run locally."""
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")

@@ -181,6 +181,7 @@ def test_tsallis_policy_replaces_the_confidence_selection(tiny_spec):
     assert [p.name for p in by_option.policies] == ["tsallis"]
 
 
+@pytest.mark.slow
 def test_cli_tpt(tiny_spec, tmp_path):
     root = write_image_folder(tmp_path / "data", ["goldfish", "red_fox", "tabby_cat"], per_class=2)
     out = tmp_path / "sweep"
