@@ -44,3 +44,31 @@ def test_sweep_through_the_submitit_launcher(tmp_path):
                    check=True, capture_output=True, env=env, timeout=600)
     record = (sweep / "0" / "run.json").read_text()
     assert '"fog/5"' in record
+
+
+def test_report_merges_run_records_of_a_sweep(tmp_path):
+    """The merge alone, on two hand-written run records in a sweep's layout (``<sweep>/<job>/run.json``):
+    one row per method with each domain's accuracy and the mean, the frozen source model first, and
+    ``report.md`` and ``report.png`` written into the sweep folder."""
+    import json
+
+    from tta import report
+
+    def record(method, accuracy, source):
+        domains = {f"{name}/5": {"n": 100, "accuracy": a, "source_accuracy": s}
+                   for name, a, s in zip(("gaussian_noise", "snow"), accuracy, source)}
+        return {"status": "finished", "method": {"method": method}, "config": {"seed": 0},
+                "results": {"mean": {"accuracy": sum(accuracy) / 2, "source_accuracy": sum(source) / 2},
+                            "domains": domains}}
+
+    sweep = tmp_path / "sweep"
+    for job, (method, accuracy) in enumerate([("norm", (0.6, 0.7)), ("tent", (0.62, 0.74))]):
+        (sweep / str(job)).mkdir(parents=True)
+        (sweep / str(job) / "run.json").write_text(json.dumps(record(method, accuracy, (0.2, 0.3))))
+    report.main([str(sweep)])
+    table = (sweep / "report.md").read_text().split("\n\n")[0].splitlines()
+    assert table[0] == "| run | gaussian_noise | snow | mean |"
+    assert [line.split("|")[1].strip() for line in table[2:]] == ["source", "norm", "tent"]
+    means = {line.split("|")[1].strip(): line.split("|")[-2].strip() for line in table[2:]}
+    assert means["source"].startswith("25.0") and means["norm"].startswith("65.0") and "68.0" in means["tent"]
+    assert (sweep / "report.png").stat().st_size > 1000
