@@ -12,6 +12,10 @@ Per test image, episodically:
    (loss scale 1000 initially), unscale, skip on inf/NaN, AdamW (lr 5e-3, weight decay 0.01) step
    on the context, scale update;
 4. predict on view 0 with the tuned prompt (no grad). This is the logit the engine scores.
+   With ``vote=True`` (ZERO's aggregation, :mod:`tta.objectives.vote`) the prediction is instead
+   the zero-temperature vote of the views kept at the first step, their logits taken with the tuned
+   prompt (ties broken by the other views in the order of the ranking's score on those logits);
+   ``method(x)`` then returns log vote shares.
 
 Implementation notes:
 
@@ -86,6 +90,7 @@ class TPT(ViewMethod):
         grad_scale: initial loss scale of the (never reset) scaler; 0 turns it off.
         seed: base seed of the views (per image id and view index).
         params: ``prompt`` (the context vectors, TPT) or a CLIP preset such as ``ln``.
+        vote: predict by ZERO's vote of the kept views instead of on view 0 (off: TPT).
     """
 
     paper = "Shu et al., NeurIPS 2022 (azshue/TPT)"
@@ -153,6 +158,11 @@ class TPT(ViewMethod):
             loss = weighted_marginal_entropy(logits, weights)
             self.scaled_step(loss, weights)
         with torch.no_grad():
+            if self.vote:  # ZERO's vote of the views kept at the first step, with the tuned prompt
+                if not self.prompt_only:
+                    image = self._encode(views)
+                final = self.model.logits_from_features(image, self._text()).float()
+                return self.vote_over_views(final, weights)[None]
             if not self.prompt_only:
                 image = self._encode(views[:1])
             return self.model.logits_from_features(image[:1], self._text()).float()
