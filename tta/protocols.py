@@ -84,6 +84,7 @@ SAR_REPO = "mr-eggplant/SAR@20f6e24"
 DEYO_REPO = "Jhyun17/DeYO@3d7d289"
 UNIENT = "gaozhengqing/UniEnt@af7faa8"
 TDA_REPO = "kdiAAA/TDA@e697fb0"
+CTPT_REPO = "hee-suk-yoon/C-TPT@085e6c2"
 
 SOURCES: dict[str, str] = {
     "eata-main": f"{EATA_REPO} main.py (--batch_size 64, SGD 0.00025 momentum 0.9, --e_margin 0.4 ln 1000, "
@@ -113,6 +114,10 @@ SOURCES: dict[str, str] = {
     "tda-imagenet_v": f"{TDA_REPO} configs/imagenet_v.yaml (positive alpha 1.0, beta 8.0)",
     "tda-imagenet_r": f"{TDA_REPO} configs/imagenet_r.yaml (positive alpha 1.0, beta 8.0)",
     "tda-imagenet_s": f"{TDA_REPO} configs/imagenet_s.yaml (positive alpha 2.363, beta 7.45)",
+    "ctpt-fg": f"{CTPT_REPO} scripts/test_tpt_ctpt_fg.sh (ImageNet and the fine-grained sets: lambda_term 50, no "
+               f"--I_augmix, so augmix = len(set_id) > 1: off for I, tpt_classification.py:270-271)",
+    "ctpt-ds": f"{CTPT_REPO} scripts/test_tpt_ctpt_ds.sh (the natural shifts A/R/K/V: lambda_term 20, --I_augmix, so "
+               f"augmix = len(set_id) >= 1: on, tpt_classification.py:266-268)",
     "eata_c-from-eata": "EATA-C has no public code: EATA's value for this benchmark, a decision of this toolkit "
                         "(docs/benchmarks/protocols.md)",
 }
@@ -151,6 +156,7 @@ def _imagenet() -> Protocol:
                        "momentum": Cited(0.9, "unient-imagenet"), "alpha": Cited(0.5, "unient-imagenet")},
             "tda": {"num_views": Cited(1, "tda-imagenet"), "augmix": Cited(False, "tda-imagenet"),
                     "pos_alpha": Cited(2.0, "tda-imagenet"), "pos_beta": Cited(5.0, "tda-imagenet")},
+            "ctpt": {"dispersion": Cited(50.0, "ctpt-fg"), "augmix": Cited(False, "ctpt-fg")},
         },
         notes={"eata_c": "EATA-C has no public code: it takes EATA's values (a decision)",
                "crowds": "no official code: UniEnt's re-implementation (batch 32 there; the protocol's 64 here)"},
@@ -199,8 +205,9 @@ def _natural_shift(name: str, tda_source: str, pos_alpha: float, pos_beta: float
     methods = {k: dict(v) for k, v in base.methods.items()}
     methods["tda"] = {"num_views": Cited(64, "tda-views"), "augmix": Cited(True, "tda-views"),
                       "pos_alpha": Cited(pos_alpha, tda_source), "pos_beta": Cited(pos_beta, tda_source)}
+    methods["ctpt"] = {"dispersion": Cited(20.0, "ctpt-ds"), "augmix": Cited(True, "ctpt-ds")}
     return Protocol(name=name, description=f"{name} for the CLIP methods: the imagenet protocol, plus the values "
-                                           f"the CLIP reference code sets for this set (TDA's views and cache)",
+                                           f"the CLIP reference code sets for this set (TDA's views and cache, C-TPT's lambda and AugMix)",
                     batch_size=base.batch_size, methods=methods, notes=dict(base.notes))
 
 

@@ -139,6 +139,9 @@ class Method(nn.Module):
     provides: ClassVar[frozenset[str]] = frozenset()
     #: constructor keywords that carry run inputs (:mod:`tta.methods.inputs`), not hyperparameters
     input_keywords: ClassVar[tuple[str, ...]] = ()
+    #: the paper's own ECE convention, reported as ``paper_ece`` next to ``ece`` (:mod:`tta.metrics`):
+    #: ``(bins, upper_inclusive)``; ``None``: only the toolkit's 15-bin ECE
+    paper_ece: ClassVar[tuple[int, bool] | None] = None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

@@ -17,6 +17,9 @@ Per test image, episodically:
    prompt (ties broken by the other views in the order of the ranking's score on those logits);
    ``method(x)`` then returns log vote shares.
 
+With ``dispersion=lambda`` the loss of step 3 is C-TPT's: the marginal entropy minus ``lambda``
+times the dispersion of that step's normalised text features (:mod:`tta.methods.ctpt`).
+
 Implementation notes:
 
 * The image encoder is frozen while the prompt adapts, so the view features are computed once and
@@ -43,7 +46,7 @@ from typing import Any, Sequence
 
 import torch
 
-from ..objectives import weighted_marginal_entropy
+from ..objectives import text_feature_dispersion, weighted_marginal_entropy
 from ..policies import Policy, TPTConfidence, TsallisRanking
 from .registry import register
 from .views import ViewMethod
@@ -91,6 +94,8 @@ class TPT(ViewMethod):
         seed: base seed of the views (per image id and view index).
         params: ``prompt`` (the context vectors, TPT) or a CLIP preset such as ``ln``.
         vote: predict by ZERO's vote of the kept views instead of on view 0 (off: TPT).
+        dispersion: C-TPT's ``lambda``: the loss minus ``lambda`` times the text-feature dispersion
+            (0: TPT; :mod:`tta.methods.ctpt`).
     """
 
     paper = "Shu et al., NeurIPS 2022 (azshue/TPT)"
@@ -152,10 +157,13 @@ class TPT(ViewMethod):
         for step in range(self.steps):
             if step > 0 and not self.prompt_only:
                 image = self._encode(views)
-            logits = self.model.logits_from_features(image, self._text())
+            text = self._text()
+            logits = self.model.logits_from_features(image, text)
             if weights is None:  # the selection is made on the first step and reused (TPT)
                 weights = self.select(self.context(views, logits))
             loss = weighted_marginal_entropy(logits, weights)
+            if self.dispersion:  # C-TPT: minus lambda times the text-feature dispersion of this step's prompt
+                loss = loss - self.dispersion * text_feature_dispersion(text.float())
             self.scaled_step(loss, weights)
         with torch.no_grad():
             if self.vote:  # ZERO's vote of the views kept at the first step, with the tuned prompt

@@ -16,7 +16,12 @@ The family owns what these methods share:
   predict on the original view with the tuned prompt, ADTE averages the kept views' softmax), and
   ``vote=True`` replaces it with ZERO's zero-temperature vote over the kept views
   (:func:`~tta.objectives.vote.zero_vote`; ties broken by the views outside the kept set, in the
-  order of the ranking's score). The vote is ZERO's own aggregation (:mod:`tta.methods.zero`).
+  order of the ranking's score). The vote is ZERO's own aggregation (:mod:`tta.methods.zero`);
+* the prompt-tuning objective's extra term: ``dispersion=lambda`` subtracts ``lambda`` times C-TPT's
+  text-feature dispersion (:func:`~tta.objectives.dispersion.text_feature_dispersion`) from the
+  loss of a method that tunes the prompt (TPT, DiffTPT; C-TPT's own term, :mod:`tta.methods.ctpt`).
+  A method that tunes no prompt (ADTE, ZERO, TDA, or TPT with ``params=ln``) refuses it with a
+  ``ValueError`` naming both.
 """
 from __future__ import annotations
 
@@ -46,6 +51,7 @@ class ViewMethod(Method):
         image_names: sample ids -> view-cache image names for the diffusion views (default ``#<id>``).
         diffusion_mode: ``add`` the diffusion views to the crops, or ``replace`` the crops.
         vote: aggregate the kept views by ZERO's zero-temperature vote (see the module docstring).
+        dispersion: the weight ``lambda`` of C-TPT's dispersion term (0: off; see the module docstring).
         Other arguments as :class:`~tta.methods.core.Method`.
     """
 
@@ -64,12 +70,20 @@ class ViewMethod(Method):
     def __init__(self, model, *, num_views: int = 64, augmix: bool = False, seed: int = 0,
                  diffusion_views: DiffusionViews | None = None,
                  image_names: Callable[[Sequence[int]], list[str]] | None = None, diffusion_mode: str = "add",
-                 vote: bool = False, **kwargs: Any):
+                 vote: bool = False, dispersion: float = 0.0, **kwargs: Any):
         if vote and not self.supports_vote:
             raise ValueError(f"vote=True (ZERO's vote over the kept views) cannot be combined with method "
                              f"{self.name!r}: its prediction is not an aggregation of kept views")
+        if dispersion and not self.learns:
+            raise ValueError(f"the dispersion term (C-TPT, dispersion={dispersion}) cannot be combined with method "
+                             f"{self.name!r}: it tunes no prompt (use tpt, difftpt or ctpt)")
         super().__init__(model, **kwargs)
+        if dispersion and self.params_preset != "prompt":
+            raise ValueError(f"the dispersion term (C-TPT, dispersion={dispersion}) cannot be combined with method "
+                             f"{self.name!r} with params={self.params_preset!r}: it acts on the tuned prompt's text "
+                             f"features (params=prompt)")
         self.vote = bool(vote)
+        self.dispersion = float(dispersion)
         if not isinstance(self.model, ClipClassifier):
             raise ValueError(f"{self.name} needs a CLIP model: pass model=clip:<arch>/<weights> (tta.models.clip)")
         if diffusion_mode not in DIFFUSION_MODES:
@@ -193,7 +207,8 @@ class ViewMethod(Method):
         return {"diffusion_views": self.views.stats()} if self.has_diffusion_views else {}
 
     def hparams(self) -> dict[str, Any]:
-        return {**super().hparams(), "num_views": self.num_views, "views": self.views.hparams(), "vote": self.vote}
+        return {**super().hparams(), "num_views": self.num_views, "views": self.views.hparams(), "vote": self.vote,
+                "dispersion": self.dispersion}
 
 
 __all__ = ["ViewMethod"]
