@@ -114,9 +114,9 @@ SOURCES: dict[str, str] = {
     "tda-imagenet_v": f"{TDA_REPO} configs/imagenet_v.yaml (positive alpha 1.0, beta 8.0)",
     "tda-imagenet_r": f"{TDA_REPO} configs/imagenet_r.yaml (positive alpha 1.0, beta 8.0)",
     "tda-imagenet_s": f"{TDA_REPO} configs/imagenet_s.yaml (positive alpha 2.363, beta 7.45)",
-    "ctpt-fg": f"{CTPT_REPO} scripts/test_tpt_ctpt_fg.sh (ImageNet and the fine-grained sets: lambda_term 50, no "
+    "ctpt-fg": f"{CTPT_REPO} test_tpt_ctpt_fg.sh (ImageNet and the fine-grained sets: lambda_term 50, no "
                f"--I_augmix, so augmix = len(set_id) > 1: off for I, tpt_classification.py:270-271)",
-    "ctpt-ds": f"{CTPT_REPO} scripts/test_tpt_ctpt_ds.sh (the natural shifts A/R/K/V: lambda_term 20, --I_augmix, so "
+    "ctpt-ds": f"{CTPT_REPO} test_tpt_ctpt_ds.sh (the natural shifts A/R/K/V: lambda_term 20, --I_augmix, so "
                f"augmix = len(set_id) >= 1: on, tpt_classification.py:266-268)",
     "eata_c-from-eata": "EATA-C has no public code: EATA's value for this benchmark, a decision of this toolkit "
                         "(docs/benchmarks/protocols.md)",

@@ -19,10 +19,10 @@ episodically,
 
 Defaults per dataset group (the released scripts):
 
-* ImageNet and the fine-grained sets (``scripts/test_tpt_ctpt_fg.sh``): ``lambda = 50``, AugMix
+* ImageNet and the fine-grained sets (``test_tpt_ctpt_fg.sh``): ``lambda = 50``, AugMix
   only for the fine-grained sets (``augmix = len(set_id) > 1``, ``tpt_classification.py:270-271``),
   so ImageNet gets crops and flips: the defaults here;
-* the natural shifts A, R, Sketch (K), V2 (``scripts/test_tpt_ctpt_ds.sh``): ``lambda = 20`` and
+* the natural shifts A, R, Sketch (K), V2 (``test_tpt_ctpt_ds.sh``): ``lambda = 20`` and
   ``--I_augmix``, which turns AugMix on for them (``augmix = len(set_id) >= 1``,
   ``tpt_classification.py:266-268``) -- unlike TPT's own protocol. The ``imagenet_a``,
   ``imagenet_r``, ``imagenet_sketch`` and ``imagenet_v2`` protocols carry these values.
@@ -50,7 +50,7 @@ class CTPT(TPT):
     """TPT with C-TPT's dispersion term (see the module docstring).
 
     Args:
-        dispersion: ``lambda`` (50: ImageNet and the fine-grained sets, ``scripts/test_tpt_ctpt_fg.sh``;
+        dispersion: ``lambda`` (50: ImageNet and the fine-grained sets, ``test_tpt_ctpt_fg.sh``;
             the natural shifts' 20 comes with their protocols).
         augmix: AugMix on the crops (off for ImageNet; on for the natural shifts and fine-grained sets).
         Other arguments as :class:`~tta.methods.tpt.TPT` (64 views, ``selection`` 0.1, AdamW 5e-3 with
