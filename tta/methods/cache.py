@@ -50,6 +50,8 @@ class ClassCache(nn.Module):
         self.register_buffer("entropy", torch.full((num_classes, capacity), float("inf")))
         self.register_buffer("count", torch.zeros(num_classes, dtype=torch.long))
         self.register_buffer("probs", torch.zeros(num_classes, capacity, num_classes if keep_probs else 0))
+        # the negative cache's class masks, derived from ``probs`` at admission (not saved: rebuilt on load)
+        self.register_buffer("values", torch.zeros_like(self.probs), persistent=False)
 
     @torch.no_grad()
     def clear(self) -> None:
@@ -57,6 +59,15 @@ class ClassCache(nn.Module):
         self.entropy.fill_(float("inf"))
         self.count.zero_()
         self.probs.zero_()
+        self.values.zero_()
+
+    def _class_mask(self, probs: torch.Tensor) -> torch.Tensor:
+        return ((probs > self.mask[0]) & (probs < self.mask[1])).to(self.values.dtype)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # noqa: ANN001
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        with torch.no_grad():
+            self.values.copy_(self._class_mask(self.probs))
 
     @property
     def size(self) -> torch.Tensor:
@@ -85,6 +96,7 @@ class ClassCache(nn.Module):
             row_probs = self.probs[label].clone()
             row_probs[last] = torch.where(enter, probs.to(row_probs.dtype), row_probs[last])
             self.probs[label] = row_probs[order]
+            self.values[label] = self._class_mask(self.probs[label])
         self.count[label] = torch.clamp(count + enter.long(), max=self.capacity)
         return enter
 
@@ -92,15 +104,12 @@ class ClassCache(nn.Module):
         """Cache logits (N, C) of image features (N, D); zero while the cache is empty."""
         filled = (torch.arange(self.capacity, device=self.count.device) < self.count[:, None]).flatten()  # (C*K,)
         keys = self.features.flatten(0, 1).to(features.dtype)
-        if self.keep_probs:
-            p = self.probs.flatten(0, 1)
-            values = ((p > self.mask[0]) & (p < self.mask[1])).to(features.dtype)
-        else:
-            labels = torch.arange(self.num_classes, device=keys.device).repeat_interleave(self.capacity)
-            values = nn.functional.one_hot(labels, self.num_classes).to(features.dtype)
         affinity = features @ keys.T
-        weight = torch.exp(-(self.beta - self.beta * affinity)) * filled.to(features.dtype)
-        return self.alpha * (weight @ values)
+        weight = torch.exp(-(self.beta - self.beta * affinity)) * filled.to(features.dtype)       # (N, C*K)
+        if self.keep_probs:
+            return self.alpha * (weight @ self.values.flatten(0, 1).to(features.dtype))
+        # one-hot values: the sum of each class's own slots (no C*K x C matrix)
+        return self.alpha * weight.view(-1, self.num_classes, self.capacity).sum(dim=-1)
 
     def hparams(self) -> dict[str, Any]:
         out: dict[str, Any] = {"capacity": self.capacity, "alpha": self.alpha, "beta": self.beta}
