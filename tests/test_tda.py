@@ -237,3 +237,56 @@ def test_natural_shift_protocols_carry_the_per_dataset_values():
         assert origins["pos_alpha"] == "protocol"
     kwargs, _ = protocols.resolve("tda", "imagenet", 1000, defaults, {})
     assert kwargs["num_views"] == 1 and kwargs["neg_alpha"] == 0.117
+
+
+def test_tta_adapt_runs_the_three_clip_baselines(tiny_spec):
+    """``tta.adapt`` on a CLIP classifier: ZERO, C-TPT and TDA, with the natural-shift protocol's values."""
+    import tta
+
+    clip = load_clip_classifier(tiny_spec[5:], class_names=CLASSES)
+    x = torch.rand(2, 3, 32, 32)
+    for name, kwargs in (("zero", {"num_views": 8}), ("ctpt", {"num_views": 8}), ("tda", {})):
+        adapted = tta.adapt(clip, method=name, **kwargs)
+        out = adapted(x)
+        assert out.shape == (2, len(CLASSES)) and torch.isfinite(out).all(), name
+    tda = tta.adapt(clip, method="tda", protocol="imagenet_r", num_views=8)
+    assert tda.num_views == 8 and tda.positive.alpha == 1.0 and tda.positive.beta == 8.0 and tda.base_views.augmix
+    tda(x)
+    assert int(tda.positive.size) > 0
+    ctpt = tta.adapt(clip, method="ctpt", protocol="imagenet_a", num_views=8)
+    assert ctpt.dispersion == 20.0 and ctpt.base_views.augmix
+
+
+def test_steady_state_of_tda_and_zero_has_no_host_sync(tiny_spec):
+    """The caches update with gathers and indexed copies, the vote with masks: nothing is read on the
+    host per image (counted with the dispatch-mode counter of ``test_host_sync``)."""
+    from test_host_sync import SyncCounter
+
+    x = torch.rand(3, 3, 32, 32)
+    for name, kwargs in (("tda", {}), ("tda", {"num_views": 8, "admission": ["entropy_margin"]}),
+                         ("zero", {"num_views": 8})):
+        method = build(name, load_clip_classifier(tiny_spec[5:], class_names=CLASSES), nonfinite="skip",
+                       input_range=None, **kwargs)
+        method(x, ids=[0, 1, 2])
+        with SyncCounter() as counter:
+            method(x, ids=[3, 4, 5])
+        assert not counter.sites, (name, counter.report())
+
+
+def test_cache_admission_ties_follow_the_released_rule():
+    """Equal entropies: a full class keeps its last entry (strict ``<``), and among equal entropies the
+    older entry stays first (Python's stable ``sorted``); the same sequence through ``update_cache``."""
+    from tta.methods.cache import ClassCache
+
+    cache = ClassCache(num_classes=2, dim=3, capacity=2, alpha=1.0, beta=1.0)
+    official: dict = {}
+    offers = [(0, 1.0), (0, 1.0), (0, 1.0), (0, 0.5), (0, 1.0), (1, 2.0), (1, 3.0), (1, 3.0), (1, 2.5)]
+    for step, (label, h) in enumerate(offers):
+        feature = torch.full((3,), float(step))
+        cache.admit(torch.tensor(label), feature, torch.tensor(h))
+        update_cache(official, label, [feature[None], torch.tensor(h)], 2)
+        for c in (0, 1):
+            entries = official.get(c, [])
+            assert int(cache.count[c]) == len(entries)
+            assert [float(cache.features[c, k, 0]) for k in range(len(entries))] == [float(e[0][0, 0]) for e in entries]
+            assert [float(cache.entropy[c, k]) for k in range(len(entries))] == [float(e[1]) for e in entries]

@@ -80,25 +80,29 @@ class ClassCache(nn.Module):
         """Offer one sample (``label``: 0-d long; ``feature`` (D,); ``entropy``: 0-d; ``probs`` (C,) for
         the negative cache); ``gate`` (0-d bool, optional) must hold for it to enter. Returns whether
         it entered (a device bool)."""
+        idx = label.reshape(1).long()                      # a 1-element index: gathers, no host read
         last = self.capacity - 1
-        count = self.count[label]
-        enter = (count < self.capacity) | (entropy < self.entropy[label, last])
+        count = self.count.index_select(0, idx)            # (1,)
+        row_entropy = self.entropy.index_select(0, idx)    # (1, K)
+        row_features = self.features.index_select(0, idx)  # (1, K, D)
+        enter = (count < self.capacity) | (entropy.reshape(1) < row_entropy[:, last])
         if gate is not None:
-            enter = enter & gate
-        row_entropy = self.entropy[label].clone()
-        row_features = self.features[label].clone()
-        row_entropy[last] = torch.where(enter, entropy.to(row_entropy.dtype), row_entropy[last])
-        row_features[last] = torch.where(enter, feature.to(row_features.dtype), row_features[last])
-        order = row_entropy.argsort(stable=True)
-        self.entropy[label] = row_entropy[order]
-        self.features[label] = row_features[order]
+            enter = enter & gate.reshape(1)
+        row_entropy[:, last] = torch.where(enter, entropy.reshape(1).to(row_entropy.dtype), row_entropy[:, last])
+        row_features[:, last] = torch.where(enter[:, None], feature.reshape(1, -1).to(row_features.dtype),
+                                            row_features[:, last])
+        order = row_entropy.argsort(dim=-1, stable=True)  # (1, K)
+        self.entropy.index_copy_(0, idx, row_entropy.gather(-1, order))
+        self.features.index_copy_(0, idx, row_features.gather(1, order[..., None].expand_as(row_features)))
         if self.keep_probs:
-            row_probs = self.probs[label].clone()
-            row_probs[last] = torch.where(enter, probs.to(row_probs.dtype), row_probs[last])
-            self.probs[label] = row_probs[order]
-            self.values[label] = self._class_mask(self.probs[label])
-        self.count[label] = torch.clamp(count + enter.long(), max=self.capacity)
-        return enter
+            row_probs = self.probs.index_select(0, idx)     # (1, K, C)
+            row_probs[:, last] = torch.where(enter[:, None], probs.reshape(1, -1).to(row_probs.dtype),
+                                             row_probs[:, last])
+            row_probs = row_probs.gather(1, order[..., None].expand_as(row_probs))
+            self.probs.index_copy_(0, idx, row_probs)
+            self.values.index_copy_(0, idx, self._class_mask(row_probs))
+        self.count.index_copy_(0, idx, torch.clamp(count + enter.long(), max=self.capacity))
+        return enter.reshape(())
 
     def logits(self, features: torch.Tensor) -> torch.Tensor:
         """Cache logits (N, C) of image features (N, D); zero while the cache is empty."""
