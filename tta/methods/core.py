@@ -2,7 +2,8 @@
 policies, state and reset.
 
 Two families build on it (:mod:`tta.methods.batch`: Tent ... EATA-C, which learn from the samples
-of a batch; :mod:`tta.methods.views`: TPT, DiffTPT, ADTE, which work on the views of one image).
+of a batch; :mod:`tta.methods.views`: TPT, DiffTPT, C-TPT, ADTE, ZERO, TDA, which work on the views
+of one image).
 A recipe (one method) sets its class defaults, returns its own policies from
 :meth:`Method.default_policies` and, when its update is not the family's default, overrides
 the family's step.

@@ -1,5 +1,5 @@
 """The per-image view family: methods that work on the views of one test image at a time (TPT,
-DiffTPT, ADTE), on a CLIP model.
+DiffTPT, C-TPT, ADTE, ZERO, TDA), on a CLIP model.
 
 The family owns what these methods share:
 
