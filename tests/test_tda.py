@@ -229,14 +229,15 @@ def test_natural_shift_protocols_carry_the_per_dataset_values():
 
     defaults = method_defaults("tda")
     assert (defaults["num_views"], defaults["pos_alpha"], defaults["pos_beta"]) == (1, 2.0, 5.0)  # imagenet.yaml
-    expected = {"imagenet_a": (2.0, 5.0), "imagenet_v2": (1.0, 8.0), "imagenet_r": (1.0, 8.0),
-                "imagenet_sketch": (2.363, 7.45)}
-    for name, (alpha, beta) in expected.items():
+    expected = {"imagenet_a": (2.0, 5.0, "tip7"), "imagenet_v2": (1.0, 8.0, "tip7"),
+                "imagenet_r": (1.0, 8.0, "imagenet80"), "imagenet_sketch": (2.363, 7.45, "imagenet80")}
+    for name, (alpha, beta, templates) in expected.items():
         kwargs, origins = protocols.resolve("tda", name, 200, defaults, {})
-        assert (kwargs["num_views"], kwargs["augmix"], kwargs["pos_alpha"], kwargs["pos_beta"]) == (64, True, alpha, beta)
+        got = (kwargs["num_views"], kwargs["augmix"], kwargs["pos_alpha"], kwargs["pos_beta"], kwargs["templates"])
+        assert got == (64, True, alpha, beta, templates)
         assert origins["pos_alpha"] == "protocol"
     kwargs, _ = protocols.resolve("tda", "imagenet", 1000, defaults, {})
-    assert kwargs["num_views"] == 1 and kwargs["neg_alpha"] == 0.117
+    assert kwargs["num_views"] == 1 and kwargs["neg_alpha"] == 0.117 and kwargs["templates"] == "tip7"
 
 
 def test_tta_adapt_runs_the_three_clip_baselines(tiny_spec):

@@ -96,7 +96,8 @@ def test_vote_and_tie_rule_match_the_official_code():
     gen = torch.Generator().manual_seed(0)
     cases = ties = 0
     for _ in range(300):
-        num_views, num_classes = int(torch.randint(4, 12, (1,), generator=gen)), int(torch.randint(2, 5, (1,), generator=gen))
+        num_views = int(torch.randint(4, 12, (1,), generator=gen))
+        num_classes = int(torch.randint(2, 5, (1,), generator=gen))
         l = torch.randint(0, 4, (num_views, num_classes), generator=gen).double() / 10
         flat = l.amax(1) == l.amin(1)                          # a uniform view: give it a winner
         l[flat, 0] += 0.1

@@ -78,8 +78,9 @@ class TDA(ViewMethod):
         positive, negative: use each cache (both on everywhere in the released configs).
         admission: sample-level policies gating cache admission (see the module docstring; none).
         admission_kwargs: their keyword arguments, by name.
-        templates: zero-shot head templates (default: the model's; the released code uses ``tip7``
-            for ImageNet and its variants, ``datasets/imagenet.py:173``).
+        templates: zero-shot head templates (default: the model's). The released code uses ``tip7``
+            for ImageNet, A and V2 and ``imagenet80`` for R and Sketch (``datasets/*.py``); the
+            ``imagenet*`` protocols set them.
         view_batch: views per image-encoder call.
         seed: base seed of the views.
     """
