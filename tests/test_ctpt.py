@@ -17,7 +17,7 @@ from tiny_clip import build_tiny_clip, write_image_folder
 from tta.methods import build
 from tta.metrics import DomainMetrics
 from tta.models.clip import load_clip_classifier
-from tta.objectives import text_feature_dispersion
+from tta.objectives import text_feature_dispersion, weighted_marginal_entropy
 
 CLASSES = ["goldfish", "red fox", "tabby cat", "great white shark", "axolotl"]
 MEAN = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
@@ -129,6 +129,18 @@ def test_one_image_matches_the_official_step(tiny_spec):
     expected, selected, loss = official_ctpt(official, views, optimizer, optimizer.state_dict(),
                                              torch.amp.GradScaler("cpu", init_scale=1000), 50.0)
     assert len(selected) == 2
+    # the loss of the step, from our model's pieces at the initial prompt: kept views, entropy, dispersion
+    tuned = method.model.net.prompt.ctx.detach().clone()
+    method.reset_episode()
+    with torch.no_grad():
+        text = method.model.text_features()
+        logits = method.model.logits_from_features(method.model.encode_image(views), text)
+        weights = method.policies[0].select(logits)
+        ours_loss = weighted_marginal_entropy(logits, weights) - 50.0 * text_feature_dispersion(text)
+    assert set(weights.nonzero().flatten().tolist()) == set(selected.tolist())
+    torch.testing.assert_close(ours_loss, loss.detach(), atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        method.model.net.prompt.ctx.copy_(tuned)
     torch.testing.assert_close(method.model.net.prompt.ctx.detach(), official.ctx.detach(), atol=2e-6, rtol=0)
     torch.testing.assert_close(ours, expected, atol=1e-4, rtol=1e-4)
     # the term moved the prompt: TPT's step lands elsewhere

@@ -183,15 +183,15 @@ def test_vote_is_an_aggregation_option_of_tpt_and_adte(tiny_spec):
     torch.testing.assert_close(out[0].exp(), (p_bar / p_bar.sum()).float())
     assert tpt.hparams()["vote"] is True and make(tiny_spec, "tpt", num_views=20).hparams()["vote"] is False
     # ADTE + vote: the same kept views as ADTE's soft vote, counted by argmax
-    soft = make(tiny_spec, "adte", num_views=16, bias="uniform")
-    hard = make(tiny_spec, "adte", num_views=16, bias="uniform", vote=True)
+    soft = make(tiny_spec, "adte", num_views=40, bias="uniform")
+    hard = make(tiny_spec, "adte", num_views=40, bias="uniform", vote=True)
     logits = soft.view_logits(x, [5])[0]
     kept = soft.ranking.select(logits).bool()
     p_soft, p_hard = soft(x, ids=[5])[0].exp(), hard(x, ids=[5])[0].exp()
     torch.testing.assert_close(p_soft * kept.sum(), logits[kept].softmax(-1).sum(0), atol=1e-5, rtol=1e-5)
     order = soft.ranking.score(logits).argsort(stable=True)
-    p_bar, _ = official_vote(logits.double(), order, 1)   # ADTE keeps max(int(16 * 0.1), 1) = 1 view
-    assert int(kept.sum()) == 1
+    p_bar, _ = official_vote(logits.double(), order, 4)   # ADTE keeps int(40 * 0.1) = 4 views
+    assert int(kept.sum()) == 4
     torch.testing.assert_close(p_hard, (p_bar / p_bar.sum()).float())
 
 
