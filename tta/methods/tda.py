@@ -31,8 +31,9 @@ computed on the images' aggregated logits ``z`` can gate cache admission: an ima
 enters neither cache (it is still predicted with the caches). The policies see the whole batch
 before any of its images updates the caches (with ``batch_size=1``, image by image). A policy that
 needs the frozen source model gets the model itself (TDA's CLIP is frozen); one that needs to
-re-forward a transformed batch (``plpd``) gets the zero-shot head. ``admission_counts`` in the
-counters says how many images each cache took. Off by default (TDA admits every image).
+re-forward a transformed batch (``plpd``) gets the zero-shot head. ``positive_admitted``,
+``negative_admitted`` and ``admission_gated`` in the counters say how many offers each cache took and
+how many images the gate kept out. Off by default (TDA admits every image).
 
 Defaults are the ImageNet configuration (``configs/imagenet.yaml``); the natural shifts differ in
 views and in the positive cache's ``alpha``/``beta`` (``configs/imagenet_{a,v,r,s}.yaml``): the
