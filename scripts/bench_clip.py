@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Per-image latency of TPT and ADTE on CLIP: ours beside a loop written like the official code.
+"""Per-image latency of TPT and ADTE on CLIP: ours beside a loop written like the official code;
+ZERO, TDA and C-TPT (ours only) in the same table, on the same images, next to TPT.
 
     python scripts/bench_clip.py                                   # CPU, a tiny random CLIP (seconds)
     python scripts/bench_clip.py --arch ViT-B-16 --device cuda     # the real architecture, random weights
@@ -43,7 +44,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--images", type=int, default=None, help="timed images (default: 20 on CUDA, 3 on CPU)")
     p.add_argument("--warmup", type=int, default=None, help="untimed images first (default: 3 on CUDA, 1 on CPU)")
     p.add_argument("--amp", choices=("bf16", "none"), default=None, help="our autocast (default: bf16 on CUDA)")
-    p.add_argument("--methods", default="tpt,adte,zeroshot")
+    p.add_argument("--methods", default="tpt,adte,zeroshot,zero,ctpt,tda")
     p.add_argument("--threads", type=int, default=1, help="CPU threads (tiny models: 1 avoids oversubscription)")
     return p.parse_args()
 
@@ -231,6 +232,19 @@ def main() -> None:
         ms_o, off_out, peak_o = timed(official, views, device, warmup)
         agree = (ours_out.exp() - off_out / keep_count(args.views, 0.1)).abs().max().item()
         rows.append((f"ADTE ({args.views} views, bias given)", ms, ms_o, ms_o / ms, peak, peak_o, agree))  # agree: max |p_ours - p_official|
+
+    # ours only (the reference loops are not re-timed here; their fidelity is tested in tests/)
+    if "zero" in wanted:
+        _, ms, _, peak = time_ours(build("zero", classifier(), num_views=args.views).to(device))
+        rows.append((f"ZERO ({args.views} views, vote)", ms, None, None, peak, None, None))
+    if "ctpt" in wanted:
+        _, ms, _, peak = time_ours(build("ctpt", classifier(), num_views=args.views).to(device))
+        rows.append((f"C-TPT ({args.views} views, 1 step)", ms, None, None, peak, None, None))
+    if "tda" in wanted:
+        _, ms, _, peak = time_ours(build("tda", classifier()).to(device))
+        rows.append(("TDA (1 view: ImageNet setting, caches)", ms, None, None, peak, None, None))
+        _, ms, _, peak = time_ours(build("tda", classifier(), num_views=args.views, augmix=True).to(device))
+        rows.append((f"TDA ({args.views} AugMix views: natural shifts, caches)", ms, None, None, peak, None, None))
 
     dev_name = torch.cuda.get_device_name(device) if cuda else f"CPU ({torch.get_num_threads()} threads)"
     print(f"\nCLIP {args.arch} ({args.pretrained}), {len(names)} classes, {args.views} views, {n_images} timed images "

@@ -25,7 +25,7 @@ from tta.provide import RunParts, provide_inputs
 
 REPO = Path(__file__).resolve().parents[1]
 BATCH = ["source", "norm", "tent", "eta", "eata", "sar", "deyo", "crowds", "eata_c"]
-VIEWS = ["tpt", "difftpt", "adte"]
+VIEWS = ["tpt", "difftpt", "adte", "zero", "tda", "ctpt"]
 
 
 def digits():
@@ -81,7 +81,8 @@ def test_run_inputs_are_declared_per_hyperparameters(tmp_path):
     assert methods.METHODS.get("tent").run_inputs({}) == []
     kinds = {name: [i.kind for i in methods.METHODS.get(name).run_inputs({})] for name in VIEWS}
     assert kinds == {"tpt": ["diffusion_views"], "difftpt": ["diffusion_views"],
-                     "adte": ["diffusion_views", "test_pass"]}
+                     "adte": ["diffusion_views", "test_pass"], "zero": ["diffusion_views"],
+                     "tda": ["diffusion_views"], "ctpt": ["diffusion_views"]}
     assert methods.METHODS.get("difftpt").run_inputs({})[0].required
     assert not methods.METHODS.get("difftpt").run_inputs({"num_diffusion": 0})[0].required
     with pytest.raises(ValueError, match="unknown run input kind"):

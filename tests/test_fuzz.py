@@ -21,7 +21,7 @@ import torch
 import tta
 from tta.models import load_classifier
 
-VIEW_METHODS = {"tpt", "difftpt", "adte"}
+VIEW_METHODS = {"tpt", "difftpt", "adte", "zero", "tda", "ctpt"}
 BATCH_METHODS = sorted(set(tta.methods.available()) - VIEW_METHODS)
 CASES = 30
 CLEAR = ("expected", "empty batch", "NaN or Inf", "images must be in", "differs from the model's", "at least 1x1",

@@ -11,7 +11,7 @@ import tta
 from tta.data.digits import load_digits_split
 from tta.models import load_classifier
 
-VIEW_METHODS = {"tpt", "difftpt", "adte"}
+VIEW_METHODS = {"tpt", "difftpt", "adte", "zero", "tda", "ctpt"}
 BATCH_METHODS = sorted(set(tta.methods.available()) - VIEW_METHODS)
 
 

@@ -122,7 +122,7 @@ def run(
             if current is not None and reset_each_domain:
                 method.reset()
             current = batch.domain
-            metrics.setdefault(current, DomainMetrics(device))
+            metrics.setdefault(current, DomainMetrics(device, paper_ece=getattr(method, "paper_ece", None)))
         order.update(batch.domain, batch.ids)
         x = batch.images.to(device, non_blocking=True)
         labels = batch.labels.to(device, non_blocking=True)

@@ -1,6 +1,11 @@
 """Streaming classification metrics kept on the device: accuracy, NLL, ECE (15 bins), open-set AUROC,
 and selection diagnostics (what each sample-selection stage kept, and how much of it was predicted right).
 
+ECE is the one calibration implementation of the toolkit: equal-width bins of the max-softmax
+confidence, ``sum_b |acc_b - conf_b| * n_b / n``. By default 15 bins, a confidence in ``[lower, upper)``;
+a method that declares its paper's convention (``Method.paper_ece = (bins, upper_inclusive)``: C-TPT's
+20 bins with ``(lower, upper]``) also gets ``paper_ece`` computed that way from the same samples.
+
 Samples with label -1 (out-of-distribution samples in open-set streams) are excluded from the
 closed-set metrics. When a domain holds both kinds, ``auroc`` is the AUROC of the max-softmax
 probability for telling in-distribution (positive) from out-of-distribution samples, and
@@ -17,12 +22,23 @@ import torch
 ECE_BINS = 15
 
 
+def bin_index(conf: torch.Tensor, bins: int, upper_inclusive: bool = False) -> torch.Tensor:
+    """The ECE bin of each confidence in [0, 1]: ``[lower, upper)`` (the last bin closed), or with
+    ``upper_inclusive`` ``(lower, upper]`` (C-TPT's ``ECE_Loss``; a confidence of exactly 0, which a
+    softmax never gives, goes to the first bin)."""
+    if upper_inclusive:
+        return (torch.ceil(conf * bins).long() - 1).clamp_(min=0, max=bins - 1)
+    return (conf * bins).long().clamp_(max=bins - 1)
+
+
 class DomainMetrics:
     """Accumulates one domain's metrics without leaving the device; :meth:`result` syncs once."""
 
-    def __init__(self, device: torch.device, bins: int = ECE_BINS):
+    def __init__(self, device: torch.device, bins: int = ECE_BINS, paper_ece: tuple[int, bool] | None = None):
         zeros = lambda *shape, dtype=torch.float64: torch.zeros(*shape, dtype=dtype, device=device)  # noqa: E731
         self.bins = bins
+        self.paper_ece = None if paper_ece is None else (int(paper_ece[0]), bool(paper_ece[1]))
+        self.paper_bins = zeros(3, self.paper_ece[0]) if self.paper_ece else None  # count, confidence, accuracy
         self.n = zeros((), dtype=torch.long)
         self.correct = zeros((), dtype=torch.long)
         self.source_correct = zeros((), dtype=torch.long)
@@ -45,11 +61,15 @@ class DomainMetrics:
         self.n += valid.sum()
         self.correct += hit.sum()
         self.nll -= (log_p.gather(1, safe_labels[:, None]).squeeze(1) * valid).sum().double()
-        index = (conf * self.bins).long().clamp_(max=self.bins - 1)
         weight = valid.double()
+        index = bin_index(conf, self.bins, upper_inclusive=False)
         self.bin_count.index_add_(0, index, weight)
         self.bin_conf.index_add_(0, index, conf.double() * weight)
         self.bin_acc.index_add_(0, index, hit.double())
+        if self.paper_bins is not None:
+            index = bin_index(conf, self.paper_ece[0], upper_inclusive=self.paper_ece[1])
+            for row, value in enumerate((weight, conf.double() * weight, hit.double())):
+                self.paper_bins[row].index_add_(0, index, value)
         self._conf.append(conf.float())
         self._ood.append(~valid)
         if source_logits is not None:
@@ -61,6 +81,8 @@ class DomainMetrics:
         n = max(int(self.n), 1)
         ece = (self.bin_acc - self.bin_conf).abs().sum().item() / n
         out = {"n": int(self.n), "accuracy": int(self.correct) / n, "nll": float(self.nll) / n, "ece": ece}
+        if self.paper_bins is not None:
+            out["paper_ece"] = (self.paper_bins[2] - self.paper_bins[1]).abs().sum().item() / n
         if int(self.source_n):
             out["source_accuracy"] = int(self.source_correct) / int(self.source_n)
         if self._ood:

@@ -83,6 +83,8 @@ EATA_REPO = "mr-eggplant/EATA@f739b36"
 SAR_REPO = "mr-eggplant/SAR@20f6e24"
 DEYO_REPO = "Jhyun17/DeYO@3d7d289"
 UNIENT = "gaozhengqing/UniEnt@af7faa8"
+TDA_REPO = "kdiAAA/TDA@e697fb0"
+CTPT_REPO = "hee-suk-yoon/C-TPT@085e6c2"
 
 SOURCES: dict[str, str] = {
     "eata-main": f"{EATA_REPO} main.py (--batch_size 64, SGD 0.00025 momentum 0.9, --e_margin 0.4 ln 1000, "
@@ -103,6 +105,23 @@ SOURCES: dict[str, str] = {
     "mario-sar": f"{MARIO} classification/methods/sar.py setup_optimizer (SAM over SGD, lr OPTIM.LR, momentum "
                  f"OPTIM.MOMENTUM, whatever OPTIM.METHOD says; SAM rho 0.05)",
     "unient-cifar": f"{UNIENT} cifar/main.py (--method Adam, --lr 0.001, --alpha 0.5)",
+    "tda-imagenet": f"{TDA_REPO} configs/imagenet.yaml (positive: shot_capacity 3, alpha 2.0, beta 5.0; negative: "
+                    f"shot_capacity 2, alpha 0.117, beta 1.0, entropy_threshold 0.2-0.5, mask_threshold 0.03-1.0); "
+                    f"utils.py:127-130 (ImageNet: one view, the CLIP preprocess)",
+    "tda-views": f"{TDA_REPO} utils.py:94-105, 132-135 (A/V/R/S: AugMixAugmenter(n_views=63, augmix=True), i.e. "
+                 f"the original + 63 AugMix views)",
+    "tda-imagenet_a": f"{TDA_REPO} configs/imagenet_a.yaml (positive alpha 2.0, beta 5.0)",
+    "tda-imagenet_v": f"{TDA_REPO} configs/imagenet_v.yaml (positive alpha 1.0, beta 8.0)",
+    "tda-imagenet_r": f"{TDA_REPO} configs/imagenet_r.yaml (positive alpha 1.0, beta 8.0)",
+    "tda-imagenet_s": f"{TDA_REPO} configs/imagenet_s.yaml (positive alpha 2.363, beta 7.45)",
+    "tda-templates-tip7": f"{TDA_REPO} datasets/imagenet.py:173-179, imagenet_a.py:7-15, imagenetv2.py:6-12 (the 7 "
+                          f"Tip-Adapter templates; utils.py:44-61 averages their normalised embeddings)",
+    "tda-templates-80": f"{TDA_REPO} datasets/imagenet_r.py:7-86, imagenet_sketch.py:6-85 (the 80 OpenAI ImageNet "
+                        f"templates)",
+    "ctpt-fg": f"{CTPT_REPO} test_tpt_ctpt_fg.sh (ImageNet and the fine-grained sets: lambda_term 50, no "
+               f"--I_augmix, so augmix = len(set_id) > 1: off for I, tpt_classification.py:270-271)",
+    "ctpt-ds": f"{CTPT_REPO} test_tpt_ctpt_ds.sh (the natural shifts A/R/K/V: lambda_term 20, --I_augmix, so "
+               f"augmix = len(set_id) >= 1: on, tpt_classification.py:266-268)",
     "eata_c-from-eata": "EATA-C has no public code: EATA's value for this benchmark, a decision of this toolkit "
                         "(docs/benchmarks/protocols.md)",
 }
@@ -139,6 +158,10 @@ def _imagenet() -> Protocol:
                      "margin_e0": Cited(0.4, "deyo-main"), "plpd_threshold": Cited(0.2, "deyo-main")},
             "crowds": {"optimizer": Cited("sgd", "unient-imagenet"), "lr": Cited(1e-3, "unient-imagenet"),
                        "momentum": Cited(0.9, "unient-imagenet"), "alpha": Cited(0.5, "unient-imagenet")},
+            "tda": {"num_views": Cited(1, "tda-imagenet"), "augmix": Cited(False, "tda-imagenet"),
+                    "pos_alpha": Cited(2.0, "tda-imagenet"), "pos_beta": Cited(5.0, "tda-imagenet"),
+                    "templates": Cited("tip7", "tda-templates-tip7")},
+            "ctpt": {"dispersion": Cited(50.0, "ctpt-fg"), "augmix": Cited(False, "ctpt-fg")},
         },
         notes={"eata_c": "EATA-C has no public code: it takes EATA's values (a decision)",
                "crowds": "no official code: UniEnt's re-implementation (batch 32 there; the protocol's 64 here)"},
@@ -176,7 +199,28 @@ def _cifar() -> Protocol:
     )
 
 
-PROTOCOLS: dict[str, Protocol] = {p.name: p for p in (_imagenet(), _cifar())}
+#: the CLIP natural-shift sets: (protocol / data config name, TDA config key, positive alpha, beta, TDA templates)
+NATURAL_SHIFTS = (("imagenet_a", "tda-imagenet_a", 2.0, 5.0, "tip7"), ("imagenet_v2", "tda-imagenet_v", 1.0, 8.0, "tip7"),
+                  ("imagenet_r", "tda-imagenet_r", 1.0, 8.0, "imagenet80"),
+                  ("imagenet_sketch", "tda-imagenet_s", 2.363, 7.45, "imagenet80"))
+
+
+def _natural_shift(name: str, tda_source: str, pos_alpha: float, pos_beta: float, templates: str) -> Protocol:
+    """ImageNet's protocol plus what the CLIP methods' reference code sets for one natural-shift set."""
+    base = _imagenet()
+    methods = {k: dict(v) for k, v in base.methods.items()}
+    methods["tda"] = {"num_views": Cited(64, "tda-views"), "augmix": Cited(True, "tda-views"),
+                      "pos_alpha": Cited(pos_alpha, tda_source), "pos_beta": Cited(pos_beta, tda_source),
+                      "templates": Cited(templates, "tda-templates-tip7" if templates == "tip7" else "tda-templates-80")}
+    methods["ctpt"] = {"dispersion": Cited(20.0, "ctpt-ds"), "augmix": Cited(True, "ctpt-ds")}
+    return Protocol(name=name, description=f"{name} for the CLIP methods: the imagenet protocol, plus the values the "
+                                           f"CLIP reference code sets for this set (TDA's views and cache, C-TPT's "
+                                           f"lambda and AugMix)",
+                    batch_size=base.batch_size, methods=methods, notes=dict(base.notes))
+
+
+PROTOCOLS: dict[str, Protocol] = {p.name: p for p in (_imagenet(), _cifar(),
+                                                      *(_natural_shift(*entry) for entry in NATURAL_SHIFTS))}
 
 #: method defaults that were tuned for a class count (the 1,000 ImageNet classes)
 DEFAULTS_TUNED_FOR: dict[str, int] = {"d_margin": 1000}

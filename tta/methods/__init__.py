@@ -26,7 +26,7 @@ from .views import ViewMethod
 
 # Importing the recipes registers them.
 from . import baselines, crowds, deyo, eata, eata_c, sar  # noqa: E402,F401  (batch family)
-from . import adte, difftpt, tpt  # noqa: E402,F401  (view family, CLIP)
+from . import adte, ctpt, difftpt, tda, tpt, zero  # noqa: E402,F401  (view family, CLIP)
 
 
 def build(name: str, model: nn.Module | str, **overrides: Any) -> Method:

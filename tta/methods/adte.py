@@ -18,7 +18,9 @@ View scores (``score``):
 * ``shannon``: ``-sum_c p_c log(p_c + 1e-8)`` (ZERO / ADTE without ``--use_adte``).
 
 ``label_adjust=True`` votes with ``softmax(z_v - b)`` instead (the older ADTE variant; off in the
-current code).
+current code). ``vote=True`` replaces the soft vote by ZERO's zero-temperature vote (argmax counts
+of the kept views, ties broken by the other views in ADTE-score order; :mod:`tta.objectives.vote`);
+``method(x)`` then returns log vote shares.
 
 The label bias (``bias``):
 
@@ -167,22 +169,6 @@ class ADTE(ViewMethod):
         self.ranking.set_bias(self.log_bias)
 
     @torch.no_grad()
-    def view_logits(self, x: torch.Tensor, ids: Sequence[int] | torch.Tensor, salt: int = 0) -> torch.Tensor:
-        """Zero-shot logits of the views of a batch: (N, V, C), encoded ``view_batch`` views at a time."""
-        plan = self.views.plan(ids, x.shape[-2], x.shape[-1], salt)
-        per_call = max(self.view_batch // self.num_views, 1)
-        text = self.model.text_features()
-        out = []
-        for start in range(0, x.shape[0], per_call):
-            stop = min(start + per_call, x.shape[0])
-            views = self.views(x, plan=plan, images=slice(start, stop)).flatten(0, 1)
-            self.counters.add("forwards", 1)
-            self.counters.add("views", views.shape[0])
-            logits = self.model.logits_from_features(self.model.encode_image(views), text)
-            out.append(logits.float().view(stop - start, self.num_views, -1))
-        return torch.cat(out)
-
-    @torch.no_grad()
     def prepass(self, data: Iterable | None = None, *, save: bool = True) -> dict[str, torch.Tensor]:
         """The transductive pre-pass over ``data`` (default: ``prepass_data``), in its order.
 
@@ -286,6 +272,8 @@ class ADTE(ViewMethod):
             weights = self.ranking.select(logits)                      # (N, V)
         self.count_policy(self.policy_keys[0], weights.numel(), (weights > 0).sum())
         z = logits - self.log_bias if self.label_adjust else logits
+        if self.vote:                                                  # ZERO's vote instead of the soft mean
+            return self.vote_over_views(z, weights, self.ranking.score(logits))
         probs = (z.softmax(dim=-1) * weights.unsqueeze(-1)).sum(dim=1)  # sum of softmax over the kept views
         kept = views_kept(self.num_views, self.gamma)
         return torch.log((probs / kept).clamp_min(torch.finfo(torch.float32).tiny))

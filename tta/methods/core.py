@@ -2,7 +2,8 @@
 policies, state and reset.
 
 Two families build on it (:mod:`tta.methods.batch`: Tent ... EATA-C, which learn from the samples
-of a batch; :mod:`tta.methods.views`: TPT, DiffTPT, ADTE, which work on the views of one image).
+of a batch; :mod:`tta.methods.views`: TPT, DiffTPT, C-TPT, ADTE, ZERO, TDA, which work on the views
+of one image).
 A recipe (one method) sets its class defaults, returns its own policies from
 :meth:`Method.default_policies` and, when its update is not the family's default, overrides
 the family's step.
@@ -139,6 +140,9 @@ class Method(nn.Module):
     provides: ClassVar[frozenset[str]] = frozenset()
     #: constructor keywords that carry run inputs (:mod:`tta.methods.inputs`), not hyperparameters
     input_keywords: ClassVar[tuple[str, ...]] = ()
+    #: the paper's own ECE convention, reported as ``paper_ece`` next to ``ece`` (:mod:`tta.metrics`):
+    #: ``(bins, upper_inclusive)``; ``None``: only the toolkit's 15-bin ECE
+    paper_ece: ClassVar[tuple[int, bool] | None] = None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

@@ -12,6 +12,13 @@ Per test image, episodically:
    (loss scale 1000 initially), unscale, skip on inf/NaN, AdamW (lr 5e-3, weight decay 0.01) step
    on the context, scale update;
 4. predict on view 0 with the tuned prompt (no grad). This is the logit the engine scores.
+   With ``vote=True`` (ZERO's aggregation, :mod:`tta.objectives.vote`) the prediction is instead
+   the zero-temperature vote of the views kept at the first step, their logits taken with the tuned
+   prompt (ties broken by the other views in the order of the ranking's score on those logits);
+   ``method(x)`` then returns log vote shares.
+
+With ``dispersion=lambda`` the loss of step 3 is C-TPT's: the marginal entropy minus ``lambda``
+times the dispersion of that step's normalised text features (:mod:`tta.methods.ctpt`).
 
 Implementation notes:
 
@@ -39,7 +46,7 @@ from typing import Any, Sequence
 
 import torch
 
-from ..objectives import weighted_marginal_entropy
+from ..objectives import text_feature_dispersion, weighted_marginal_entropy
 from ..policies import Policy, TPTConfidence, TsallisRanking
 from .registry import register
 from .views import ViewMethod
@@ -86,6 +93,9 @@ class TPT(ViewMethod):
         grad_scale: initial loss scale of the (never reset) scaler; 0 turns it off.
         seed: base seed of the views (per image id and view index).
         params: ``prompt`` (the context vectors, TPT) or a CLIP preset such as ``ln``.
+        vote: predict by ZERO's vote of the kept views instead of on view 0 (off: TPT).
+        dispersion: C-TPT's ``lambda``: the loss minus ``lambda`` times the text-feature dispersion
+            (0: TPT; :mod:`tta.methods.ctpt`).
     """
 
     paper = "Shu et al., NeurIPS 2022 (azshue/TPT)"
@@ -147,12 +157,20 @@ class TPT(ViewMethod):
         for step in range(self.steps):
             if step > 0 and not self.prompt_only:
                 image = self._encode(views)
-            logits = self.model.logits_from_features(image, self._text())
+            text = self._text()
+            logits = self.model.logits_from_features(image, text)
             if weights is None:  # the selection is made on the first step and reused (TPT)
                 weights = self.select(self.context(views, logits))
             loss = weighted_marginal_entropy(logits, weights)
+            if self.dispersion:  # C-TPT: minus lambda times the text-feature dispersion of this step's prompt
+                loss = loss - self.dispersion * text_feature_dispersion(text.float())
             self.scaled_step(loss, weights)
         with torch.no_grad():
+            if self.vote:  # ZERO's vote of the views kept at the first step, with the tuned prompt
+                if not self.prompt_only:
+                    image = self._encode(views)
+                final = self.model.logits_from_features(image, self._text()).float()
+                return self.vote_over_views(final, weights)[None]
             if not self.prompt_only:
                 image = self._encode(views[:1])
             return self.model.logits_from_features(image[:1], self._text()).float()

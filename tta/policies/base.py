@@ -8,7 +8,7 @@ view) are computed only for those, once per batch, and shared through the contex
 Every policy declares its contract with the methods:
 
 * ``level``: what its "samples" are -- ``"samples"`` (it ranks or weights the samples of a batch:
-  Tent, EATA, SAR, DeYO, ...) or ``"views"`` (it ranks the views of *one* image: TPT, DiffTPT, ADTE);
+  Tent, EATA, SAR, DeYO, ...) or ``"views"`` (it ranks the views of *one* image: TPT, DiffTPT, ADTE, ZERO, ...);
 * ``needs``: the signals it asks the method's context for, among :data:`SIGNALS` -- ``"source"``
   (logits of the frozen source model), ``"model"`` (re-forwarding a transformed batch through the
   adapted model) and ``"embeddings"`` (image embeddings of the views).
