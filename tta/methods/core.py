@@ -42,6 +42,30 @@ from .registry import METHODS
 
 NONFINITE_MODES = ("raise", "skip")
 
+# ---------------------------------------------------------------------- skipping an empty selection
+#: ``skip_empty`` modes of the batch family (:meth:`Method.plan_skip`)
+SKIP_EMPTY_MODES = ("never", "always", "auto")
+#: ``"auto"`` where a read syncs (CUDA): batches between two reads of the counters (one sync each)
+SKIP_EMPTY_WINDOW = 32
+#: ``"auto"`` where a read syncs: the share of empty selections over the last window that turns the
+#: per-batch read on (below it the step stays sync-free)
+SKIP_EMPTY_MIN_RATE = 0.1
+
+
+def reads_are_free(device: torch.device) -> bool:
+    """Whether reading a device value on the host costs nothing: the CPU (no queue to drain)."""
+    return device.type == "cpu"
+
+
+def check_skip_empty(mode: Any) -> str:
+    """``mode`` if it is one of :data:`SKIP_EMPTY_MODES`, else a ``ValueError`` (a bool included: SAR's
+    and wisdom of crowds' former ``skip_empty=True`` is now ``step_on_empty=False``)."""
+    if isinstance(mode, bool) or mode not in SKIP_EMPTY_MODES:
+        hint = (" (SAR's and crowds' former skip_empty=True, 'no update on an empty selection', is now "
+                "step_on_empty=False)") if isinstance(mode, bool) else ""
+        raise ValueError(f"skip_empty must be one of {SKIP_EMPTY_MODES}, not {mode!r}{hint}")
+    return mode
+
 
 class Counters(nn.Module):
     """Run counters kept on the device (read them with :meth:`as_dict`, which syncs once)."""
@@ -258,6 +282,63 @@ class Method(nn.Module):
         self.policy_counters.add(f"{key}_seen", seen)
         self.policy_counters.add(f"{key}_kept", kept)
 
+    # ------------------------------------------------------------------ skipping an empty selection
+    #: ``"never"``, ``"always"`` or ``"auto"`` (:meth:`plan_skip`); the batch family takes it as an option
+    skip_empty: str = "never"
+    #: an empty selection is not learned from (``False``: the official SAR / crowds code still steps)
+    requires_nonempty: bool = True
+    #: this batch reads its selection's size on the host (set eagerly by :meth:`plan_skip`)
+    _skip_now: bool = False
+
+    def plan_skip(self, device: torch.device) -> None:
+        """Decide, once per batch and outside a compiled region, whether this batch reads the size of
+        its selection on the host to skip the backward and the step of an empty one.
+
+        ``"never"``: no read (the step stays free of host syncs). ``"always"``: read at every batch.
+        ``"auto"``: read where a read is free (:func:`reads_are_free`: the CPU); elsewhere read when at
+        least :data:`SKIP_EMPTY_MIN_RATE` of the batches of the last window of
+        :data:`SKIP_EMPTY_WINDOW` had an empty selection, measured by the counters the step keeps
+        anyway and read once per window (never per batch). A compiled step sees the decision as a
+        Python constant: one graph per decision."""
+        mode = self.skip_empty
+        if mode == "never":
+            now = False
+        elif mode == "always" or reads_are_free(device):
+            now = True
+        else:
+            now = self._auto_skip()
+        if now != self._skip_now:
+            self._skip_now = now
+
+    def _auto_skip(self) -> bool:
+        seen = self.__dict__.get("_auto_seen", 0) + 1
+        self.__dict__["_auto_seen"] = seen
+        if seen % SKIP_EMPTY_WINDOW == 0:
+            names = [n for n in ("batches", "skipped_empty", "empty_selection_steps") if n in self.counters._buffers]
+            values = dict(zip(names, torch.stack([self.counters._buffers[n] for n in names]).tolist()))  # one sync
+            batches, empty = values["batches"], values.get("skipped_empty", 0) + values.get("empty_selection_steps", 0)
+            last_batches, last_empty = self.__dict__.get("_auto_last", (0, 0))
+            self.__dict__["_auto_last"] = (batches, empty)
+            window = batches - last_batches
+            self.__dict__["_auto_on"] = window > 0 and (empty - last_empty) >= SKIP_EMPTY_MIN_RATE * window
+        return bool(self.__dict__.get("_auto_on", False))
+
+    def empty_selection(self, weights: torch.Tensor) -> bool:
+        """``True`` when this batch reads its selection's size (:meth:`plan_skip`) and nothing was
+        selected; the one host read of the skip (a graph break in a compiled step)."""
+        return self._skip_now and not bool((weights > 0).any())
+
+    def skip_step(self, weights: torch.Tensor, *, backwards: int = 1) -> torch.Tensor:
+        """What the guarded step leaves after an empty selection, without its backward and step: no
+        gradients, weights and optimizer state untouched, and the same counters (``backwards``
+        counts the update as attempted, as the unskipped step does). Returns the device bool
+        "the step was kept" (false)."""
+        if self.optimizer is not None:
+            self.optimizer.zero_grad(set_to_none=True)
+        ok = torch.zeros((), dtype=torch.bool, device=weights.device)
+        self.record_step(ok, (weights > 0).sum(), backwards=backwards)
+        return ok
+
     # ------------------------------------------------------------------ the step
     def select(self, ctx: BatchContext) -> torch.Tensor:
         """Multiply the policies' weights in order; each policy sees which samples (or views) are
@@ -298,12 +379,17 @@ class Method(nn.Module):
             self.counters.add("empty_selection_steps", ~nonempty & ok)
             self.counters.add("skipped_nonfinite", ~ok)
 
-    def step(self, loss: torch.Tensor | None, weights: torch.Tensor, require_nonempty: bool = True) -> torch.Tensor:
+    def step(self, loss: torch.Tensor | None, weights: torch.Tensor, require_nonempty: bool | None = None) -> torch.Tensor:
         """Guarded optimizer step, skipped on the device for an empty selection or a non-finite loss.
 
-        ``require_nonempty=False`` steps on an empty selection too. ``loss=None``: the gradients are
-        already there. Returns the device bool "the step was kept".
+        ``require_nonempty=False`` steps on an empty selection too (default:
+        :attr:`requires_nonempty`). ``loss=None``: the gradients are already there. An empty
+        selection known on the host (:meth:`plan_skip`) skips the backward and the step, with the
+        same result (:meth:`skip_step`). Returns the device bool "the step was kept".
         """
+        require_nonempty = self.requires_nonempty if require_nonempty is None else require_nonempty
+        if require_nonempty and self.empty_selection(weights):
+            return self.skip_step(weights)
         kept = (weights > 0).sum()
         gate = kept > 0 if require_nonempty else torch.ones((), dtype=torch.bool, device=kept.device)
         ok = self.update(loss, gate)
@@ -534,4 +620,5 @@ class Method(nn.Module):
             warnings.warn(message, stacklevel=3)
 
 
-__all__ = ["Counters", "Method", "NONFINITE_MODES", "make_optimizer"]
+__all__ = ["Counters", "Method", "NONFINITE_MODES", "SKIP_EMPTY_MODES", "check_skip_empty", "make_optimizer",
+           "reads_are_free"]
