@@ -139,7 +139,7 @@ def test_skip_empty_reads_once_per_batch_where_asked(name, mode):
     with SyncCounter() as counter:
         for x in xs[2:]:
             method(x)
-    expected = {("core.py", "empty_selection"): BATCHES} if name == "eta" else {}
+    expected = {("core.py", "nothing_selected"): BATCHES} if name == "eta" else {}
     assert dict(counter.sites) == expected, counter.report()
 
 

@@ -24,8 +24,8 @@ from torch import nn
 from ..models.params import has_batchnorm
 from ..objectives import weighted_mean
 from ..policies import BatchContext
-from .core import Method, check_skip_empty
-from .speed import compile_fn, compile_network
+from .core import Method, check_skip_empty, nothing_selected
+from .speed import compile_fn, compile_network, eager_boundary
 
 
 class BatchMethod(Method):
@@ -117,6 +117,7 @@ class BatchMethod(Method):
         if self.frozen_source is not None:
             calls["source"] = compile_network(self.frozen_source, mode)
         self._calls = calls
+        self._read_empty = eager_boundary(nothing_selected)  # the skip's host read: eager, not traced
         self._compiled_adapt = compile_fn(self.adapt)
         self._compiled_id = id(self)
 

@@ -57,6 +57,11 @@ def reads_are_free(device: torch.device) -> bool:
     return device.type == "cpu"
 
 
+def nothing_selected(weights: torch.Tensor) -> bool:
+    """Whether no sample has a positive weight: read on the host (a sync on a GPU)."""
+    return not bool((weights > 0).any())
+
+
 def check_skip_empty(mode: Any) -> str:
     """``mode`` if it is one of :data:`SKIP_EMPTY_MODES`, else a ``ValueError`` (a bool included: SAR's
     and wisdom of crowds' former ``skip_empty=True`` is now ``step_on_empty=False``)."""
@@ -289,6 +294,8 @@ class Method(nn.Module):
     requires_nonempty: bool = True
     #: this batch reads its selection's size on the host (set eagerly by :meth:`plan_skip`)
     _skip_now: bool = False
+    #: the read (a compiled step replaces it by an eager boundary: a clean graph break, no trace)
+    _read_empty: Callable[[torch.Tensor], bool] = staticmethod(nothing_selected)
 
     def plan_skip(self, device: torch.device) -> None:
         """Decide, once per batch and outside a compiled region, whether this batch reads the size of
@@ -326,7 +333,7 @@ class Method(nn.Module):
     def empty_selection(self, weights: torch.Tensor) -> bool:
         """``True`` when this batch reads its selection's size (:meth:`plan_skip`) and nothing was
         selected; the one host read of the skip (a graph break in a compiled step)."""
-        return self._skip_now and not bool((weights > 0).any())
+        return self._skip_now and self._read_empty(weights)
 
     def skip_step(self, weights: torch.Tensor, *, backwards: int = 1) -> torch.Tensor:
         """What the guarded step leaves after an empty selection, without its backward and step: no
