@@ -131,7 +131,9 @@ def test_steady_state_step_has_no_host_sync(name):
 @pytest.mark.parametrize("mode", ["always", "auto"])
 def test_skip_empty_reads_once_per_batch_where_asked(name, mode):
     """``skip_empty="always"``, and ``"auto"`` on the CPU, read the selection's size on the host once
-    per batch, in one place; SAR's official step on an empty selection (``step_on_empty``) needs no read."""
+    per batch, in one place (SAR's official step on an empty selection, ``step_on_empty``, needs no
+    such read); on the CPU the guarded update also reads its decision and counts (nowhere else).
+    With ``"never"`` nothing is read (the tests above)."""
     method = build(name, skip_empty=mode)
     xs = digits_batches(2 + BATCHES)
     for x in xs[:2]:
@@ -139,8 +141,11 @@ def test_skip_empty_reads_once_per_batch_where_asked(name, mode):
     with SyncCounter() as counter:
         for x in xs[2:]:
             method(x)
-    expected = {("core.py", "nothing_selected"): BATCHES} if name == "eta" else {}
-    assert dict(counter.sites) == expected, counter.report()
+    sites = dict(counter.sites)
+    # the selection's size: once per batch (on the CPU in the step, which decides there on the host)
+    assert sites.pop(("core.py", "step"), 0) == (BATCHES if name == "eta" else 0), counter.report()
+    # the guarded update's decision and its counts, read on the host where reads are free (the CPU)
+    assert set(sites) <= {("update.py", "apply"), ("core.py", "record_step")}, counter.report()
 
 
 def test_sar_recovery_and_guarded_skip_have_no_host_sync():

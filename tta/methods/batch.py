@@ -75,7 +75,8 @@ class BatchMethod(Method):
                 domain: str | None = None) -> torch.Tensor:
         """Predict on ``x`` (N, C, H, W) in [0, 1], then adapt on it; ``ids``/``domain`` are not used."""
         self.check_input(x)
-        if x.shape[0] == 1 and self.batch_stats and has_batchnorm(self.model.net):
+        if x.shape[0] == 1 and self.batch_stats and "bs1" not in self.__dict__.get("_warned", ()) \
+                and has_batchnorm(self.model.net):
             self.warn_once("bs1", "batch size 1 with BatchNorm: test-batch statistics come from a single image and "
                                   "are degenerate (it still runs)")
         if self.episodic:

@@ -294,6 +294,8 @@ class Method(nn.Module):
     requires_nonempty: bool = True
     #: this batch reads its selection's size on the host (set eagerly by :meth:`plan_skip`)
     _skip_now: bool = False
+    #: the guarded step reads its decision on the host (a free read: the CPU; set by :meth:`plan_skip`)
+    _host_guard: bool = False
     #: the read (a compiled step replaces it by an eager boundary: a clean graph break, no trace)
     _read_empty: Callable[[torch.Tensor], bool] = staticmethod(nothing_selected)
 
@@ -302,6 +304,8 @@ class Method(nn.Module):
         its selection on the host to skip the backward and the step of an empty one.
 
         ``"never"``: no read (the step stays free of host syncs). ``"always"``: read at every batch.
+        Where reads are free and the mode is not ``"never"``, the guarded update also decides on the
+        host (:class:`~tta.objectives.update.GuardedStep` ``host=True``: no snapshot, no undo).
         ``"auto"``: read where a read is free (:func:`reads_are_free`: the CPU); elsewhere read when at
         least :data:`SKIP_EMPTY_MIN_RATE` of the batches of the last window of
         :data:`SKIP_EMPTY_WINDOW` had an empty selection, measured by the counters the step keeps
@@ -316,6 +320,10 @@ class Method(nn.Module):
             now = self._auto_skip()
         if now != self._skip_now:
             self._skip_now = now
+        # the guarded step decides on the host too (not in a compiled step: a graph break costs more)
+        host = mode != "never" and reads_are_free(device) and not self.speed.compile
+        if host != self._host_guard:
+            self._host_guard = host
 
     def _auto_skip(self) -> bool:
         seen = self.__dict__.get("_auto_seen", 0) + 1
@@ -335,15 +343,18 @@ class Method(nn.Module):
         selected; the one host read of the skip (a graph break in a compiled step)."""
         return self._skip_now and self._read_empty(weights)
 
-    def skip_step(self, weights: torch.Tensor, *, backwards: int = 1) -> torch.Tensor:
+    def skip_step(self, weights: torch.Tensor, *, backwards: int = 1, kept: int | None = None) -> torch.Tensor:
         """What the guarded step leaves after an empty selection, without its backward and step: no
         gradients, weights and optimizer state untouched, and the same counters (``backwards``
-        counts the update as attempted, as the unskipped step does). Returns the device bool
-        "the step was kept" (false)."""
-        if self.optimizer is not None:
-            self.optimizer.zero_grad(set_to_none=True)
+        counts the update as attempted, as the unskipped step does; ``kept``: the selection's size,
+        when read already). Returns the device bool "the step was kept" (false)."""
+        if self.update is not None:
+            self.update.clear_grads()
         ok = torch.zeros((), dtype=torch.bool, device=weights.device)
-        self.record_step(ok, (weights > 0).sum(), backwards=backwards)
+        if kept is not None and self._host_guard:  # the size was read already: count with it
+            self._record_step_on_host(False, kept, None, True, backwards)
+        else:
+            self.record_step(ok, (weights > 0).sum(), backwards=backwards)
         return ok
 
     # ------------------------------------------------------------------ the step
@@ -375,6 +386,10 @@ class Method(nn.Module):
         it (the official SAR / wisdom-of-crowds code still steps then) it is counted in
         ``empty_selection_steps``. ``nonempty`` defaults to ``kept > 0`` (SAR: its second selection).
         """
+        if self._host_guard:  # the values are read for free: count with Python numbers (fewer ops, same counts)
+            self._record_step_on_host(bool(ok), int(kept), None if nonempty is None else bool(nonempty),
+                                      require_nonempty, backwards)
+            return
         nonempty = kept > 0 if nonempty is None else nonempty
         self.counters.add("backwards", backwards)
         self.counters.add("steps", ok)
@@ -386,6 +401,20 @@ class Method(nn.Module):
             self.counters.add("empty_selection_steps", ~nonempty & ok)
             self.counters.add("skipped_nonfinite", ~ok)
 
+    def _record_step_on_host(self, ok: bool, kept: int, nonempty: bool | None, require_nonempty: bool,
+                             backwards: int) -> None:
+        """:meth:`record_step` with host values: a counter moves only when its increment is not zero."""
+        nonempty = kept > 0 if nonempty is None else nonempty
+        increments = {"backwards": backwards, "steps": int(ok), "kept": kept * ok}
+        if require_nonempty:
+            increments.update(skipped_empty=int(not nonempty), skipped_nonfinite=int(nonempty and not ok))
+        else:
+            increments.update(empty_selection_steps=int(not nonempty and ok), skipped_nonfinite=int(not ok))
+        buffers = self.counters._buffers
+        for name, value in increments.items():
+            if value or name not in buffers:
+                self.counters.add(name, value)
+
     def step(self, loss: torch.Tensor | None, weights: torch.Tensor, require_nonempty: bool | None = None) -> torch.Tensor:
         """Guarded optimizer step, skipped on the device for an empty selection or a non-finite loss.
 
@@ -395,11 +424,18 @@ class Method(nn.Module):
         same result (:meth:`skip_step`). Returns the device bool "the step was kept".
         """
         require_nonempty = self.requires_nonempty if require_nonempty is None else require_nonempty
+        if self._host_guard:  # reads are free (the CPU): the whole decision on the host, fewer ops
+            kept_n = int((weights > 0).sum())
+            if require_nonempty and kept_n == 0:
+                return self.skip_step(weights, kept=0)
+            ok = self.update(loss, True, host=True)
+            self._record_step_on_host(self.update.stepped, kept_n, None, require_nonempty, 1)
+            return ok
         if require_nonempty and self.empty_selection(weights):
             return self.skip_step(weights)
         kept = (weights > 0).sum()
         gate = kept > 0 if require_nonempty else torch.ones((), dtype=torch.bool, device=kept.device)
-        ok = self.update(loss, gate)
+        ok = self.update(loss, gate, host=self._host_guard)
         self.record_step(ok, kept, require_nonempty=require_nonempty)
         return ok
 

@@ -133,7 +133,7 @@ class SAR(BatchMethod):
         loss2.backward()
         self.sam.restore()
         nonempty = kept2 > 0
-        ok = self.update(None, ok & nonempty if self.requires_nonempty else ok)
+        ok = self.update(None, ok & nonempty if self.requires_nonempty else ok, host=self._host_guard)
         self.counters.add("forwards", 2)
         self.counters.add("second_kept", kept2 * ok)
         self.record_step(ok, (weights > 0).sum(), nonempty=nonempty, require_nonempty=self.requires_nonempty, backwards=2)
