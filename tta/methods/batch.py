@@ -148,7 +148,7 @@ class BatchMethod(Method):
         self.counters.add("forwards", 1)
         ctx = self.context(x, logits)
         weights = self.select(ctx)
-        self.step(self.objective(ctx, weights), weights)
+        self.step(lambda: self.objective(ctx, weights), weights)  # the loss only for a step not skipped
         return logits.detach()
 
     def hparams(self) -> dict[str, Any]:

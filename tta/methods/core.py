@@ -366,12 +366,26 @@ class Method(nn.Module):
         engine's selection diagnostics (:class:`tta.metrics.SelectionMetrics`)."""
         weights = torch.ones(ctx.batch_size, device=ctx.logits.device)
         self.last_selection: dict[str, torch.Tensor] = {}
-        for key, policy in zip(self.policy_keys, self.policies):
-            alive = weights > 0
+        keys = self.policy_keys
+        alive = weights > 0
+        masks = [alive]  # alive before the first policy, then kept after each (= alive before the next)
+        for key, policy in zip(keys, self.policies):
             weights = weights * policy(ctx, alive)
-            kept = weights > 0
-            self.last_selection[key] = kept
-            self.count_policy(key, alive.sum(), kept.sum())
+            alive = weights > 0
+            self.last_selection[key] = alive
+            masks.append(alive)
+        if not keys:
+            return weights
+        if self._host_guard:  # reads are free (the CPU): every stage's count in one read, added as numbers
+            counts = torch.stack(masks).sum(dim=1).tolist()
+            buffers = self.policy_counters._buffers
+            for i, key in enumerate(keys):
+                for name, value in ((f"{key}_seen", counts[i]), (f"{key}_kept", counts[i + 1])):
+                    if value or name not in buffers:
+                        self.policy_counters.add(name, value)
+        else:
+            for i, key in enumerate(keys):
+                self.count_policy(key, masks[i].sum(), masks[i + 1].sum())
         return weights
 
     def count_batch(self, x: torch.Tensor) -> None:
@@ -415,24 +429,28 @@ class Method(nn.Module):
             if value or name not in buffers:
                 self.counters.add(name, value)
 
-    def step(self, loss: torch.Tensor | None, weights: torch.Tensor, require_nonempty: bool | None = None) -> torch.Tensor:
+    def step(self, loss: torch.Tensor | Callable[[], torch.Tensor] | None, weights: torch.Tensor,
+             require_nonempty: bool | None = None) -> torch.Tensor:
         """Guarded optimizer step, skipped on the device for an empty selection or a non-finite loss.
 
         ``require_nonempty=False`` steps on an empty selection too (default:
-        :attr:`requires_nonempty`). ``loss=None``: the gradients are already there. An empty
-        selection known on the host (:meth:`plan_skip`) skips the backward and the step, with the
-        same result (:meth:`skip_step`). Returns the device bool "the step was kept".
+        :attr:`requires_nonempty`). ``loss=None``: the gradients are already there; a callable: the
+        loss, computed only when the step is not skipped. An empty selection known on the host
+        (:meth:`plan_skip`) skips the loss, the backward and the step, with the same result
+        (:meth:`skip_step`). Returns the device bool "the step was kept".
         """
         require_nonempty = self.requires_nonempty if require_nonempty is None else require_nonempty
         if self._host_guard:  # reads are free (the CPU): the whole decision on the host, fewer ops
             kept_n = int((weights > 0).sum())
             if require_nonempty and kept_n == 0:
                 return self.skip_step(weights, kept=0)
-            ok = self.update(loss, True, host=True)
+            ok = self.update(loss() if callable(loss) else loss, True, host=True)
             self._record_step_on_host(self.update.stepped, kept_n, None, require_nonempty, 1)
             return ok
         if require_nonempty and self.empty_selection(weights):
             return self.skip_step(weights)
+        if callable(loss):
+            loss = loss()
         kept = (weights > 0).sum()
         gate = kept > 0 if require_nonempty else torch.ones((), dtype=torch.bool, device=kept.device)
         ok = self.update(loss, gate, host=self._host_guard)
@@ -443,10 +461,16 @@ class Method(nn.Module):
         """Refuse a batch before any counter or weight moves (:func:`check_batch`): shape, dtype and
         device of the model's parameters, and, with one host sync, NaN/Inf (``nonfinite="raise"``)
         and values outside :attr:`input_range`."""
-        param = next(self.model.parameters(), None)
+        param = self.__dict__.get("_first_param", False)
+        if param is False:  # found once (a parameter moved by .to() is the same object); cleared by _apply
+            param = self.__dict__["_first_param"] = next(self.model.parameters(), None)
         check_batch(x, channels=getattr(self.model, "input_channels", 3), nonfinite=self.nonfinite,
                     input_range=self.__dict__.get("input_range", (0.0, 1.0)), tolerance=INPUT_TOLERANCE,
                     dtype=None if param is None else param.dtype, device=None if param is None else param.device)
+
+    def _apply(self, fn, *args, **kwargs):
+        self.__dict__.pop("_first_param", None)  # the input check looks it up again
+        return super()._apply(fn, *args, **kwargs)
 
     # ------------------------------------------------------------------ the run
     def networks(self) -> list[nn.Module]:
