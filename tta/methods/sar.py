@@ -112,6 +112,8 @@ class SAR(BatchMethod):
             if self.recovery:
                 self._recover(self.ema_exists & (self.ema < self.reset_constant))
             return logits.detach()
+        if self._host_guard and self.step_on_empty and self._zero_gradient_step(logits, weights):
+            return logits.detach()
         loss = weighted_mean(ctx.entropy, weights)
         ok_first = loss.detach().isfinite()
         loss.backward()
@@ -140,6 +142,46 @@ class SAR(BatchMethod):
         if self.recovery:
             self._recover(self.ema_exists & (self.ema < self.reset_constant))
         return logits.detach()
+
+    def _zero_gradient_step(self, logits: torch.Tensor, weights: torch.Tensor) -> bool:
+        """The official step on an empty ``S1``, without the work that cannot change it.
+
+        With ``S1`` empty and finite logits, both backwards give exactly zero gradients, so the
+        ascent moves nothing, the second forward repeats the first, ``S2`` is empty and the EMA
+        stays; what remains is the SGD step on a zero gradient (the momentum moves the weights).
+        Where reads are free (the CPU, ``skip_empty`` not ``"never"``) the size and the finiteness
+        are read on the host and only that step is taken, with zero gradients on the parameters the
+        loss reaches (all of them, checked once on the autograd graph; otherwise the full step
+        runs). Returns whether it did; weights, optimizer state and counters are those of the full step."""
+        if int((weights > 0).sum()) or not bool(logits.detach().isfinite().all()) \
+                or not self._reaches_every_parameter(logits):
+            return False
+        self.last_selection["entropy_margin_sam"] = torch.zeros_like(weights, dtype=torch.bool)
+        for p in self.adapted_parameters():
+            p.grad = torch.zeros_like(p)
+        self.update(None, True, host=True)
+        self.counters.add("forwards", 2)
+        self._record_step_on_host(self.update.stepped, 0, False, False, 2)
+        if self.recovery:
+            self._recover(self.ema_exists & (self.ema < self.reset_constant))
+        return True
+
+    def _reaches_every_parameter(self, logits: torch.Tensor) -> bool:
+        """Whether a loss on ``logits`` reaches every adapted parameter (walked once on the autograd graph)."""
+        reached = self.__dict__.get("_reaches_all")
+        if reached is None:
+            leaves, seen, stack = set(), set(), [logits.grad_fn]
+            while stack:
+                fn = stack.pop()
+                if fn is None or fn in seen:
+                    continue
+                seen.add(fn)
+                variable = getattr(fn, "variable", None)
+                if variable is not None:
+                    leaves.add(id(variable))
+                stack.extend(f for f, _ in fn.next_functions)
+            reached = self.__dict__["_reaches_all"] = all(id(p) in leaves for p in self.adapted_parameters())
+        return reached
 
     @torch.no_grad()
     def _recover(self, flag: torch.Tensor) -> None:
