@@ -108,6 +108,7 @@ def test_compiled_step_matches_eager_and_stops_recompiling(name):
     check_recompiles(name, compiled)
 
 
+@pytest.mark.slow
 def test_compiled_skip_keeps_one_graph_per_decision():
     """With the host read (``skip_empty="always"``, ``"auto"`` on the CPU), a compiled step compiles each
     path once (an empty selection, a learning one) and then nothing, whichever comes; the results
