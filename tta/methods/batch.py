@@ -38,7 +38,9 @@ class BatchMethod(Method):
             counters); only the work differs. ``"auto"`` (default): on the CPU, where the read is
             free, always; on a GPU, where it is a host sync, only while empty selections are common
             (:meth:`~tta.methods.core.Method.plan_skip`). ``"never"``: the step never syncs.
-            ``"always"``: one sync per batch on a GPU.
+            ``"always"``: one sync per batch on a GPU. On the CPU (not ``"never"``) the guarded
+            update and the counters also use host reads: no snapshot and undo, counts added as
+            numbers. SAR and wisdom of crowds step on an empty selection (``step_on_empty``).
     """
 
     policy_level: ClassVar[str] = "samples"
