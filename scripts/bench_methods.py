@@ -4,6 +4,7 @@ written like the official code, side by side in one table.
     python scripts/bench_methods.py --fast                             # CPU: a small model
     python scripts/bench_methods.py --device cuda --model resnet50 --batch-size 64 --fast
     python scripts/bench_methods.py --device cuda --model vit_base_patch16_224 --fast
+    python scripts/bench_methods.py --data digits-c --batch-sizes 1,4,16,64 --repeats 3   # a stream that looks like use
 
 For each method the implementations adapt the same random-weight timm model (its head scaled so
 that about half of the samples pass the 0.4 ln C entropy filter, so the filters do real work) on
@@ -20,12 +21,24 @@ i.e. mostly compiling). Ours runs with ``nonfinite="skip", input_range=None`` un
 nothing). On CUDA, ``syncs/step`` counts the synchronising CUDA calls of a warm step
 (``torch.cuda.set_sync_debug_mode``): 0 for every method but DeYO (its PLPD subset size).
 Rows are printed as they finish.
+
+``--data digits-c`` streams real data instead: the digits test split under the 15 corruptions at
+severity 5, one corruption after the other, never a batch twice, through a shipped digits model
+(``digits_cnn``, or ``--model digits_gn``) with its trained weights, so the filters keep what they
+keep in use. For each batch size of ``--batch-sizes`` and each method, ours and the official-style
+loop adapt the same stream side by side, **interleaved batch by batch** (the order alternating) so
+that a machine shared with other work slows both alike; ``--repeats`` runs it again from fresh
+copies. The table gives the median images/s, ``ours / official`` as the median ratio of the
+repeats with its range, and the share of batches whose selection was empty (counters
+``skipped_empty`` + ``empty_selection_steps``). ``--repeats`` with random data adds the same
+interleaved ratio to the table above.
 """
 from __future__ import annotations
 
 import argparse
 import copy
 import math
+import statistics
 import time
 import warnings
 
@@ -329,6 +342,96 @@ def count_syncs(step, xs, steps: int, device: torch.device) -> float | None:
     return sum("synchroniz" in str(w.message) for w in caught) / steps
 
 
+def interleaved(impls, xs, warmup: int, device: torch.device) -> list[float]:
+    """Seconds each of ``impls`` spent on the batches ``xs[warmup:]``, the implementations taking
+    turns batch by batch (the order alternating), so a machine shared with other work slows them alike."""
+    spent = [0.0] * len(impls)
+    for i, x in enumerate(xs):
+        order = list(range(len(impls)))
+        if i % 2:
+            order.reverse()
+        for k in order:
+            sync(device)
+            start = time.perf_counter()
+            impls[k](x)
+            sync(device)
+            if i >= warmup:
+                spent[k] += time.perf_counter() - start
+    return spent
+
+
+def digits_c_stream(batch_size: int, batches: int, device: torch.device, seed: int = 0) -> list[torch.Tensor]:
+    """``batches`` batches of the digits test split under the 15 corruptions at severity 5, one
+    corruption after the other (a domain stream, as a digits-C run), no batch repeated."""
+    from tta.data.corruptions import CORRUPTIONS, corrupt
+    from tta.data.digits import load_digits_split
+
+    images, _ = load_digits_split("test")
+    out: list[torch.Tensor] = []
+    for k, name in enumerate(CORRUPTIONS[:15]):
+        order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed + k))
+        domain = corrupt(images[order], name, 5, seed=seed + k).clamp(0, 1)
+        full = len(domain) // batch_size * batch_size
+        out.extend(domain[:full].to(device).split(batch_size))
+        if len(out) >= batches:
+            break
+    if len(out) < batches:
+        raise ValueError(f"digits-C holds {len(out)} batches of {batch_size}, fewer than {batches}")
+    return out[:batches]
+
+
+def main_stream(args, device: torch.device) -> None:
+    """``--data digits-c``: ours against the official-style loop on a real stream (see the module docstring)."""
+    from tta.data.digits import load_digits_split
+
+    model = args.model or "digits_cnn"
+    sizes = [int(b) for b in (args.batch_sizes or "1,4,16,64").split(",")]
+    names = [m.strip() for m in args.methods.split(",") if m.strip() in PLAIN]
+    checks = {} if args.input_check else {"nonfinite": "skip", "input_range": None}
+    clean, _ = load_digits_split("train")
+    dev = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    print(f"\n{model} (shipped weights), digits-C severity 5 stream, {dev}, torch {torch.__version__}; "
+          f"{args.repeats} repeat(s), batches interleaved; ours: fp32 eager, skip_empty={args.skip_empty}"
+          f"{'' if args.input_check else ' (input check off)'}; official-style: fp32 eager.\n", flush=True)
+    cols = ["method", "batch", "ours img/s", "official-style img/s", "ours / official (median, range)",
+            "empty selections (ours)", "kept (ours)"]
+    print("| " + " | ".join(cols) + " |")
+    print("|---|" + "---:|" * (len(cols) - 1), flush=True)
+    for bs in sizes:
+        iters = args.iters or max(12, min(96, 768 // bs))
+        warmup = args.warmup if args.warmup is not None else 2
+        xs = digits_c_stream(bs, warmup + iters, device)
+        fisher = [clean[i:i + max(bs, 16)].to(device) for i in range(0, 2 * max(bs, 16), max(bs, 16))]
+        for name in names:
+            ratios, ours_rate, plain_rate, empty, kept = [], [], [], 0.0, 0.0
+            for r in range(args.repeats):
+                torch.manual_seed(r)
+                base = load_classifier(model).to(device)
+                kwargs = {"fisher_data": fisher} if name == "eata" else {}
+                method = methods.build(name, copy.deepcopy(base), batch_size=bs, skip_empty=args.skip_empty,
+                                       **checks, **kwargs).prepare(device=device)
+                if hasattr(method, "ensure_fisher"):
+                    method.ensure_fisher()
+                lr = 1e-3 if name == "crowds" else methods.niu_learning_rate("cnn", bs, name in ("sar", "deyo"))
+                plain = PLAIN[name](copy.deepcopy(base), lr, **({"fisher_data": fisher} if name == "eata" else {}))
+                t_ours, t_plain = interleaved([method, plain], xs, warmup, device)
+                n = iters * bs
+                ratios.append(t_plain / t_ours)
+                ours_rate.append(n / t_ours)
+                plain_rate.append(n / t_plain)
+                c = method.stats()["counters"]
+                empty = (c.get("skipped_empty", 0) + c.get("empty_selection_steps", 0)) / max(1, c["batches"])
+                kept = c["kept"] / max(1, c["samples"])
+                del method, plain
+            ratios.sort()
+            med = statistics.median(ratios)
+            row = [name, str(bs), f"{statistics.median(ours_rate):,.0f}", f"{statistics.median(plain_rate):,.0f}",
+                   f"{med:.2f}× ({ratios[0]:.2f}–{ratios[-1]:.2f})",
+                   f"{empty:.0%}" if PLAIN[name] not in (PlainSource, PlainNorm, PlainTent) else "–",
+                   f"{kept:.0%}" if name not in ("source", "norm") else "–"]
+            print("| " + " | ".join(row) + " |", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="timm name (default: resnet50 on GPU, resnet18 on CPU)")
@@ -352,6 +455,15 @@ def main() -> None:
                                                                    "(0: off)")
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
+    parser.add_argument("--data", choices=("random", "digits-c"), default="random",
+                        help="random batches through a timm model (default), or a digits-C stream through a "
+                             "shipped digits model")
+    parser.add_argument("--batch-sizes", default=None, help="digits-c: comma-separated (default 1,4,16,64)")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="interleaved comparisons from fresh copies (digits-c default 3; random: adds an "
+                             "interleaved ours / official column)")
+    parser.add_argument("--skip-empty", default="auto", choices=("never", "always", "auto"),
+                        help="ours' skip_empty option (default auto)")
     args = parser.parse_args()
 
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
@@ -359,6 +471,10 @@ def main() -> None:
     gpu = device.type == "cuda"
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.data == "digits-c":
+        args.repeats = args.repeats or 3
+        main_stream(args, device)
+        return
     model = args.model or ("resnet50" if gpu else "resnet18")
     bs = args.batch_size or (64 if gpu else 16)
     iters = args.iters or (30 if gpu else 4)
@@ -377,7 +493,7 @@ def main() -> None:
 
     def ours(name: str):
         kwargs = {"fisher_data": fisher_batches} if name in ("eata", "eata_c") else {}
-        method = methods.build(name, copy.deepcopy(base), batch_size=bs, **checks, **kwargs)
+        method = methods.build(name, copy.deepcopy(base), batch_size=bs, skip_empty=args.skip_empty, **checks, **kwargs)
         if hasattr(method, "ensure_fisher"):
             method.ensure_fisher()  # not timed, as the plain loop's Fisher
         return method
@@ -395,6 +511,7 @@ def main() -> None:
     cols += ["ours MiB"] + (["ours fast MiB"] if args.fast else []) + ["official-style MiB", "ours / official"]
     cols += (["fast / ours", "fast compile s"] if args.fast else []) + ["syncs/step ours"]
     cols += (["syncs/step fast"] if args.fast else []) + ["kept (ours)"]
+    cols += ["ours / official, interleaved (median, range)"] if args.repeats else []
     print("| " + " | ".join(cols) + " |")
     print("|---|" + "---:|" * (len(cols) - 1), flush=True)
 
@@ -432,6 +549,18 @@ def main() -> None:
         if args.fast:
             row += [fmt(fi / oi, ".2f") + "×", fmt(fsec, ".1f")]
         row += [fmt(osync, ".1f")] + ([fmt(fsync, ".1f")] if args.fast else []) + [f"{kept:.0%}"]
+        if args.repeats:
+            ratios = []
+            for r in range(args.repeats if name in PLAIN else 0):
+                method = ours(name).prepare(device=device, channels_last=args.channels_last, compile=args.compile,
+                                            compile_mode=args.compile_mode)
+                plain = PLAIN[name](copy.deepcopy(base), lr, **extra)
+                stream = [inputs[i % len(inputs)] for i in range(warmup + iters)]
+                t_ours, t_plain = interleaved([method, plain], stream, warmup, device)
+                ratios.append(t_plain / t_ours)
+                del method, plain
+            ratios.sort()
+            row += [f"{statistics.median(ratios):.2f}× ({ratios[0]:.2f}–{ratios[-1]:.2f})" if ratios else "–"]
         print("| " + " | ".join(row) + " |", flush=True)
     if "eata_c" in args.methods:
         print("\neata_c has no official code (experimental): no official-style column.")

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU tables, in one run (budget: under 8 minutes on one H100/H200; every section has its own
+# The GPU tables, in one run (budget: under 10 minutes on one H100/H200; every section has its own
 # timeout and prints its rows as they finish, so a slow section costs only its own rows).
 #
 #   bash scripts/gpu_check.sh [OUT_DIR]          # on a CUDA machine
@@ -10,6 +10,8 @@
 #      and on ViT-B/16 at batch 64: ours default (fp32 eager), ours fast (bf16 + channels_last for
 #      the CNN + compiled step) and the plain official-style loop; img/s, peak memory, the compile
 #      time of the fast step, and synchronising CUDA calls per step (torch.cuda sync debug mode);
+#   1b. ours against the official-style loop on a digits-C stream at batch 1, 4, 16 and 64, with
+#      skip_empty="never" (the sync-free step) and "always" (a host read that skips empty batches);
 #   2. the on-the-fly ImageNet-C stream end to end (JPEG decode + resize/crop + corruption + copy)
 #      with ResNet-50 EATA: the stream alone, default and fast;
 #   3. TPT and ADTE per image on CLIP ViT-B/16 (ours and official-style), then ZERO, C-TPT and TDA (ours).
@@ -42,6 +44,8 @@ import torch; print(f"smoke run on CPU, torch {torch.__version__}")
 EOF
   run methods_smoke 300 python scripts/bench_methods.py --device cpu --model test_resnet --batch-size 8 \
       --image-size 32 --iters 1 --warmup 1 --methods tent,deyo --fast --threads 1
+  run methods_digits_smoke 300 python scripts/bench_methods.py --device cpu --data digits-c --batch-sizes 4 \
+      --repeats 1 --iters 3 --methods tent,eta --threads 1
   run stream_smoke 300 python scripts/bench_stream_e2e.py --smoke --device cpu --method eata
   run clip_smoke 300 python scripts/bench_clip.py --arch tiny --device cpu --images 1 --warmup 0 --views 8 \
       --methods tpt,adte,zero,ctpt,tda
@@ -59,6 +63,11 @@ run methods_resnet50 230 python scripts/bench_methods.py --device cuda --model r
     --image-size 224 --iters 20 --warmup 3 --fast --methods $order
 run methods_vit_b16 150 python scripts/bench_methods.py --device cuda --model vit_base_patch16_224 --batch-size 64 \
     --image-size 224 --iters 20 --warmup 3 --fast --methods $order
+# 1b. a real stream at small batches: the empty-selection skip, sync-free ("never") against read ("always")
+for mode in never always; do
+  run methods_digits_$mode 55 python scripts/bench_methods.py --device cuda --data digits-c --batch-sizes 1,4,16,64 \
+      --repeats 2 --skip-empty $mode --methods tent,eta,eata,sar,deyo,crowds
+done
 # 2. the on-the-fly ImageNet-C stream end to end, ResNet-50 EATA (default and fast)
 run stream_resnet50_eata 50 python scripts/bench_stream_e2e.py --device cuda --model resnet50 --method eata \
     --batch-size 64 --batches 20 --warmup 3 --images 1472

@@ -67,3 +67,15 @@ def test_bad_override_is_a_clear_error(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
     assert "nope" in proc.stderr
+
+
+@pytest.mark.slow
+def test_skip_empty_from_the_command_line_changes_only_the_work(tmp_path):
+    """``method.skip_empty`` reaches the method, is recorded, and gives the same numbers either way."""
+    args = ("method=eta", "data.corruptions=[shot_noise]", "batch_size=8")
+    never = run_cli(tmp_path / "never", *args, "method.skip_empty=never")
+    auto = run_cli(tmp_path / "auto", *args, "method.skip_empty=auto")
+    assert never["method"]["skip_empty"] == "never" and auto["method"]["skip_empty"] == "auto"
+    assert never["results"] == auto["results"]
+    assert never["counts"] == auto["counts"]
+    assert auto["counts"]["counters"]["skipped_empty"] > 0

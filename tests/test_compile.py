@@ -56,11 +56,14 @@ def digits_c(sizes: list[int], seed: int = 0, labels: bool = False):
     return (batches, list(targets[idx].split(sizes))) if labels else batches
 
 
-def build(name: str):
-    kwargs = {"fisher_data": digits_c([16, 16], seed=7)} if name in ("eata", "eata_c") else {}
+def build(name: str, skip_empty: str = "never", **kwargs):
+    """``skip_empty="never"``: the sync-free step, one path per batch (the skip's read adds a branch,
+    checked in :func:`test_compiled_skip_keeps_one_graph_per_decision`)."""
+    if name in ("eata", "eata_c"):
+        kwargs["fisher_data"] = digits_c([16, 16], seed=7)
     torch.manual_seed(0)
     return methods.build(name, load_classifier("digits_cnn"), batch_size=16, nonfinite="skip", input_range=None,
-                         **kwargs)
+                         skip_empty=skip_empty, **kwargs)
 
 
 def run(method, batches, reset_before: int) -> tuple[list[torch.Tensor], list[int]]:
@@ -108,6 +111,42 @@ def check_recompiles(name: str, compiled: list[int]) -> None:
 def test_compiled_step_matches_eager_and_stops_recompiling(name):
     compiled = check_against_eager(name, ATOL, compile=True)
     check_recompiles(name, compiled)
+
+
+@pytest.mark.slow
+def test_compiled_skip_keeps_one_graph_per_decision():
+    """With the host read (``skip_empty="always"``, ``"auto"`` on the CPU), a compiled step compiles each
+    path once (an empty selection, a learning one) and then nothing, whichever comes; the results
+    equal eager's. Switching the decision off and back on keeps the results; back on compiles nothing."""
+    from test_skip_empty import Gate
+
+    batches = digits_c([16] * 8)
+    empty = {1, 2, 5}
+    def go(method, xs, start=0):
+        out, compiled = [], []
+        for i, x in enumerate(xs, start):
+            next(p for p in method.policies if isinstance(p, Gate)).open.fill_(i not in empty)
+            before = speed.compiled_graphs()
+            torch.manual_seed(100 + i)
+            out.append(method(x).float())
+            compiled.append(speed.compiled_graphs() - before)
+        return out, compiled
+
+    eager = build("eta", "always", extra_policies=[Gate()])
+    expected, _ = go(eager, batches)
+    fast = build("eta", "always", extra_policies=[Gate()]).prepare(compile=True)
+    got, compiled = go(fast, batches[:6])
+    assert compiled[0] > 0 and compiled[1] > 0, compiled  # each path compiles on its first batch
+    assert compiled[2:] == [0, 0, 0, 0], compiled  # then neither path compiles again
+    fast.skip_empty = "never"
+    more, _ = go(fast, batches[6:7], start=6)  # the sync-free path (no graph of its own: it only skips the read)
+    fast.skip_empty = "always"
+    last, back = go(fast, batches[7:], start=7)
+    assert back == [0], back
+    for e, g in zip(expected, got + more + last):
+        torch.testing.assert_close(g, e, atol=ATOL, rtol=0)
+    assert fast.stats() == eager.stats()
+    assert fast.stats()["counters"]["skipped_empty"] >= len(empty)
 
 
 @pytest.mark.slow

@@ -6,7 +6,10 @@ counted with a ``TorchDispatchMode``: reading a value on the host (``aten._local
 ``.item()``, ``bool(t)``, ``int(t)``, ``.tolist()``), and ops whose output size depends on the values
 (``nonzero``, ``masked_select``, boolean-mask indexing, ``unique``, ...). Counted over batches
 after a warm-up, with ``nonfinite="skip"`` and ``input_range=None`` (the input check's NaN/range
-test is one documented sync per batch, on by default, and not part of the step).
+test is one documented sync per batch, on by default, and not part of the step) and
+``skip_empty="never"``: the path a GPU takes unless empty selections are common (on the CPU, where
+a read is free, ``"auto"`` reads the selection's size to skip an empty batch's backward; that read
+is counted on its own below).
 
 The one sync left is named: DeYO's PLPD reads the number of samples still alive, to forward the
 destroyed images of exactly those (the official ``x[S1]``, whose BatchNorm statistics are those
@@ -102,6 +105,7 @@ def digits_batches(n: int, size: int = 16, seed: int = 0) -> list[torch.Tensor]:
 def build(name: str, **kwargs):
     if name in ("eata", "eata_c"):
         kwargs["fisher_data"] = digits_batches(2, seed=9)
+    kwargs.setdefault("skip_empty", "never")  # the sync-free step (what a GPU runs by default)
     return methods.build(name, load_classifier("digits_cnn"), batch_size=16, nonfinite="skip", input_range=None,
                          **kwargs)
 
@@ -121,6 +125,29 @@ def test_steady_state_step_has_no_host_sync(name):
     assert counts["batches"] == 2 + BATCHES
     if method.learns:  # the filters did real work on these batches (not all kept, not all dropped)
         assert counts["backwards"] >= 2 + BATCHES
+
+
+@pytest.mark.parametrize("name", ["eta", "sar"])
+@pytest.mark.parametrize("mode", ["always", "auto"])
+def test_skip_empty_reads_once_per_batch_where_asked(name, mode):
+    """``skip_empty="always"``, and ``"auto"`` on the CPU, read the selection's size on the host once
+    per batch, in one place (SAR's official step on an empty selection, ``step_on_empty``, needs no
+    such read); on the CPU the guarded update also reads its decision and counts (nowhere else).
+    With ``"never"`` nothing is read (the tests above)."""
+    method = build(name, skip_empty=mode)
+    xs = digits_batches(2 + BATCHES)
+    for x in xs[:2]:
+        method(x)
+    with SyncCounter() as counter:
+        for x in xs[2:]:
+            method(x)
+    sites = dict(counter.sites)
+    # the selection's size: once per batch (on the CPU in the step, which decides there on the host)
+    assert sites.pop(("core.py", "step"), 0) == (BATCHES if name == "eta" else 0), counter.report()
+    # the guarded update's decision and its counts, read on the host where reads are free (the CPU)
+    # (SAR: its official step on an empty S1 reads the size and the logits' finiteness there too)
+    assert set(sites) <= {("update.py", "apply"), ("core.py", "record_step"), ("sar.py", "_zero_gradient_step")}, \
+        counter.report()
 
 
 def test_sar_recovery_and_guarded_skip_have_no_host_sync():

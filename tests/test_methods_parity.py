@@ -353,7 +353,7 @@ def test_sar_extra_policy_masks_both_selections():
 
 @pytest.mark.parametrize("skip_empty", [False, True])
 def test_sar_empty_selection_momentum(skip_empty):
-    method, ref, params, opt = pair("sar", preset="sar", skip_empty=skip_empty)
+    method, ref, params, opt = pair("sar", preset="sar", step_on_empty=not skip_empty)
     xs = batches(2)
     method(xs[0])
     sar_reference_step(ref, params, opt, xs[0], 0.4 * math.log(C), None)
@@ -473,7 +473,7 @@ def test_crowds_matches_reference():
 
 @pytest.mark.parametrize("skip_empty", [False, True])
 def test_crowds_empty_selection(skip_empty):
-    method, ref, params, opt = pair("crowds", margin=2.0, skip_empty=skip_empty)  # nothing can pass
+    method, ref, params, opt = pair("crowds", margin=2.0, step_on_empty=not skip_empty)  # nothing can pass
     initial = [p.detach().clone() for p in method.adapted_parameters()]
     x = batches(1)[0]
     method(x)

@@ -24,15 +24,31 @@ from torch import nn
 from ..models.params import has_batchnorm
 from ..objectives import weighted_mean
 from ..policies import BatchContext
-from .core import Method
+from .core import Method, check_skip_empty
 from .speed import compile_fn, compile_network
 
 
 class BatchMethod(Method):
-    """Base of the batch family (see the module docstring); arguments as :class:`Method`."""
+    """Base of the batch family (see the module docstring); arguments as :class:`Method`, and:
+
+    Args:
+        skip_empty: whether a batch reads the size of its selection on the host to skip the backward
+            and the optimizer step when nothing was selected (the official ETA/EATA/DeYO loops skip
+            them the same way). The result is the same either way (weights, optimizer state,
+            counters); only the work differs. ``"auto"`` (default): on the CPU, where the read is
+            free, always; on a GPU, where it is a host sync, only while empty selections are common
+            (:meth:`~tta.methods.core.Method.plan_skip`). ``"never"``: the step never syncs.
+            ``"always"``: one sync per batch on a GPU. On the CPU (not ``"never"``) the guarded
+            update and the counters also use host reads: no snapshot and undo, counts added as
+            numbers. SAR and wisdom of crowds step on an empty selection (``step_on_empty``).
+    """
 
     policy_level: ClassVar[str] = "samples"
     provides: ClassVar[frozenset[str]] = frozenset({"source", "model"})
+
+    def __init__(self, model, *, skip_empty: str = "auto", **kwargs: Any):
+        super().__init__(model, **kwargs)
+        self.skip_empty = check_skip_empty(skip_empty)
 
     # ------------------------------------------------------------------ the frozen source copy
     def on_policies_assembled(self) -> None:
@@ -61,7 +77,8 @@ class BatchMethod(Method):
                 domain: str | None = None) -> torch.Tensor:
         """Predict on ``x`` (N, C, H, W) in [0, 1], then adapt on it; ``ids``/``domain`` are not used."""
         self.check_input(x)
-        if x.shape[0] == 1 and self.batch_stats and has_batchnorm(self.model.net):
+        if x.shape[0] == 1 and self.batch_stats and "bs1" not in self.__dict__.get("_warned", ()) \
+                and has_batchnorm(self.model.net):
             self.warn_once("bs1", "batch size 1 with BatchNorm: test-batch statistics come from a single image and "
                                   "are degenerate (it still runs)")
         if self.episodic:
@@ -70,6 +87,7 @@ class BatchMethod(Method):
         if self.speed.channels_last:  # the layout the compiled graphs were made for (a no-op when it is already)
             x = x.contiguous(memory_format=torch.channels_last)
         self.before_step()
+        self.plan_skip(x.device)
         step = self.adapt
         if self.speed.compile:
             if self._compiled_id != id(self):  # a copy of a compiled method: its own compiled step
@@ -131,11 +149,11 @@ class BatchMethod(Method):
         self.counters.add("forwards", 1)
         ctx = self.context(x, logits)
         weights = self.select(ctx)
-        self.step(self.objective(ctx, weights), weights)
+        self.step(lambda: self.objective(ctx, weights), weights)  # the loss only for a step not skipped
         return logits.detach()
 
     def hparams(self) -> dict[str, Any]:
-        return {**super().hparams(), "frozen_source": self.frozen_source is not None}
+        return {**super().hparams(), "frozen_source": self.frozen_source is not None, "skip_empty": self.skip_empty}
 
 
 __all__ = ["BatchMethod"]

@@ -31,6 +31,7 @@ from typing import Any, Callable, ClassVar, Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
+from ..compiling import eager_boundary
 from ..models.classifier import Classifier, load_classifier
 from ..models.params import configure_model
 from ..objectives.update import GuardedStep
@@ -42,6 +43,36 @@ from .speed import SpeedOptions, resolve as resolve_speed
 from .registry import METHODS
 
 NONFINITE_MODES = ("raise", "skip")
+
+# ---------------------------------------------------------------------- skipping an empty selection
+#: ``skip_empty`` modes of the batch family (:meth:`Method.plan_skip`)
+SKIP_EMPTY_MODES = ("never", "always", "auto")
+#: ``"auto"`` where a read syncs (CUDA): batches between two reads of the counters (one sync each)
+SKIP_EMPTY_WINDOW = 32
+#: ``"auto"`` where a read syncs: the share of empty selections over the last window that turns the
+#: per-batch read on (below it the step stays sync-free)
+SKIP_EMPTY_MIN_RATE = 0.1
+
+
+def reads_are_free(device: torch.device) -> bool:
+    """Whether reading a device value on the host costs nothing: the CPU (no queue to drain)."""
+    return device.type == "cpu"
+
+
+@eager_boundary  # in a compiled step, the read runs eagerly (a graph break), not traced
+def nothing_selected(weights: torch.Tensor) -> bool:
+    """Whether no sample has a positive weight: read on the host (a sync on a GPU)."""
+    return not bool((weights > 0).any())
+
+
+def check_skip_empty(mode: Any) -> str:
+    """``mode`` if it is one of :data:`SKIP_EMPTY_MODES`, else a ``ValueError`` (a bool included: SAR's
+    and wisdom of crowds' former ``skip_empty=True`` is now ``step_on_empty=False``)."""
+    if isinstance(mode, bool) or mode not in SKIP_EMPTY_MODES:
+        hint = (" (SAR's and crowds' former skip_empty=True, 'no update on an empty selection', is now "
+                "step_on_empty=False)") if isinstance(mode, bool) else ""
+        raise ValueError(f"skip_empty must be one of {SKIP_EMPTY_MODES}, not {mode!r}{hint}")
+    return mode
 
 
 class Counters(nn.Module):
@@ -262,6 +293,76 @@ class Method(nn.Module):
         self.policy_counters.add(f"{key}_seen", seen)
         self.policy_counters.add(f"{key}_kept", kept)
 
+    # ------------------------------------------------------------------ skipping an empty selection
+    #: ``"never"``, ``"always"`` or ``"auto"`` (:meth:`plan_skip`); the batch family takes it as an option
+    skip_empty: str = "never"
+    #: an empty selection is not learned from (``False``: the official SAR / crowds code still steps)
+    requires_nonempty: bool = True
+    #: this batch reads its selection's size on the host (set eagerly by :meth:`plan_skip`)
+    _skip_now: bool = False
+    #: the guarded step reads its decision on the host (a free read: the CPU; set by :meth:`plan_skip`)
+    _host_guard: bool = False
+    #: the read (a compiled step replaces it by an eager boundary: a clean graph break, no trace)
+    _read_empty: Callable[[torch.Tensor], bool] = staticmethod(nothing_selected)
+
+    def plan_skip(self, device: torch.device) -> None:
+        """Decide, once per batch and outside a compiled region, whether this batch reads the size of
+        its selection on the host to skip the backward and the step of an empty one.
+
+        ``"never"``: no read (the step stays free of host syncs). ``"always"``: read at every batch.
+        Where reads are free and the mode is not ``"never"``, the guarded update also decides on the
+        host (:class:`~tta.objectives.update.GuardedStep` ``host=True``: no snapshot, no undo).
+        ``"auto"``: read where a read is free (:func:`reads_are_free`: the CPU); elsewhere read when at
+        least :data:`SKIP_EMPTY_MIN_RATE` of the batches of the last window of
+        :data:`SKIP_EMPTY_WINDOW` had an empty selection, measured by the counters the step keeps
+        anyway and read once per window (never per batch). A compiled step sees the decision as a
+        Python constant: one graph per decision."""
+        mode = self.skip_empty
+        if mode == "never":
+            now = False
+        elif mode == "always" or reads_are_free(device):
+            now = True
+        else:
+            now = self._auto_skip()
+        if now != self._skip_now:
+            self._skip_now = now
+        # the guarded step decides on the host too (not in a compiled step: a graph break costs more)
+        host = mode != "never" and reads_are_free(device) and not self.speed.compile
+        if host != self._host_guard:
+            self._host_guard = host
+
+    def _auto_skip(self) -> bool:
+        seen = self.__dict__.get("_auto_seen", 0) + 1
+        self.__dict__["_auto_seen"] = seen
+        if seen % SKIP_EMPTY_WINDOW == 0:
+            names = [n for n in ("batches", "skipped_empty", "empty_selection_steps") if n in self.counters._buffers]
+            values = dict(zip(names, torch.stack([self.counters._buffers[n] for n in names]).tolist()))  # one sync
+            batches, empty = values["batches"], values.get("skipped_empty", 0) + values.get("empty_selection_steps", 0)
+            last_batches, last_empty = self.__dict__.get("_auto_last", (0, 0))
+            self.__dict__["_auto_last"] = (batches, empty)
+            window = batches - last_batches
+            self.__dict__["_auto_on"] = window > 0 and (empty - last_empty) >= SKIP_EMPTY_MIN_RATE * window
+        return bool(self.__dict__.get("_auto_on", False))
+
+    def empty_selection(self, weights: torch.Tensor) -> bool:
+        """``True`` when this batch reads its selection's size (:meth:`plan_skip`) and nothing was
+        selected; the one host read of the skip (a graph break in a compiled step)."""
+        return self._skip_now and self._read_empty(weights)
+
+    def skip_step(self, weights: torch.Tensor, *, backwards: int = 1, kept: int | None = None) -> torch.Tensor:
+        """What the guarded step leaves after an empty selection, without its backward and step: no
+        gradients, weights and optimizer state untouched, and the same counters (``backwards``
+        counts the update as attempted, as the unskipped step does; ``kept``: the selection's size,
+        when read already). Returns the device bool "the step was kept" (false)."""
+        if self.update is not None:
+            self.update.clear_grads()
+        ok = torch.zeros((), dtype=torch.bool, device=weights.device)
+        if kept is not None and self._host_guard:  # the size was read already: count with it
+            self._record_step_on_host(False, kept, None, True, backwards)
+        else:
+            self.record_step(ok, (weights > 0).sum(), backwards=backwards)
+        return ok
+
     # ------------------------------------------------------------------ the step
     def select(self, ctx: BatchContext) -> torch.Tensor:
         """Multiply the policies' weights in order; each policy sees which samples (or views) are
@@ -271,12 +372,26 @@ class Method(nn.Module):
         engine's selection diagnostics (:class:`tta.metrics.SelectionMetrics`)."""
         weights = torch.ones(ctx.batch_size, device=ctx.logits.device)
         self.last_selection: dict[str, torch.Tensor] = {}
-        for key, policy in zip(self.policy_keys, self.policies):
-            alive = weights > 0
+        keys = self.policy_keys
+        alive = weights > 0
+        masks = [alive]  # alive before the first policy, then kept after each (= alive before the next)
+        for key, policy in zip(keys, self.policies):
             weights = weights * policy(ctx, alive)
-            kept = weights > 0
-            self.last_selection[key] = kept
-            self.count_policy(key, alive.sum(), kept.sum())
+            alive = weights > 0
+            self.last_selection[key] = alive
+            masks.append(alive)
+        if not keys:
+            return weights
+        if self._host_guard:  # reads are free (the CPU): every stage's count in one read, added as numbers
+            counts = torch.stack(masks).sum(dim=1).tolist()
+            buffers = self.policy_counters._buffers
+            for i, key in enumerate(keys):
+                for name, value in ((f"{key}_seen", counts[i]), (f"{key}_kept", counts[i + 1])):
+                    if value or name not in buffers:
+                        self.policy_counters.add(name, value)
+        else:
+            for i, key in enumerate(keys):
+                self.count_policy(key, masks[i].sum(), masks[i + 1].sum())
         return weights
 
     def count_batch(self, x: torch.Tensor) -> None:
@@ -291,6 +406,10 @@ class Method(nn.Module):
         it (the official SAR / wisdom-of-crowds code still steps then) it is counted in
         ``empty_selection_steps``. ``nonempty`` defaults to ``kept > 0`` (SAR: its second selection).
         """
+        if self._host_guard:  # the values are read for free: count with Python numbers (fewer ops, same counts)
+            self._record_step_on_host(bool(ok), int(kept), None if nonempty is None else bool(nonempty),
+                                      require_nonempty, backwards)
+            return
         nonempty = kept > 0 if nonempty is None else nonempty
         self.counters.add("backwards", backwards)
         self.counters.add("steps", ok)
@@ -302,15 +421,45 @@ class Method(nn.Module):
             self.counters.add("empty_selection_steps", ~nonempty & ok)
             self.counters.add("skipped_nonfinite", ~ok)
 
-    def step(self, loss: torch.Tensor | None, weights: torch.Tensor, require_nonempty: bool = True) -> torch.Tensor:
+    def _record_step_on_host(self, ok: bool, kept: int, nonempty: bool | None, require_nonempty: bool,
+                             backwards: int) -> None:
+        """:meth:`record_step` with host values: a counter moves only when its increment is not zero."""
+        nonempty = kept > 0 if nonempty is None else nonempty
+        increments = {"backwards": backwards, "steps": int(ok), "kept": kept * ok}
+        if require_nonempty:
+            increments.update(skipped_empty=int(not nonempty), skipped_nonfinite=int(nonempty and not ok))
+        else:
+            increments.update(empty_selection_steps=int(not nonempty and ok), skipped_nonfinite=int(not ok))
+        buffers = self.counters._buffers
+        for name, value in increments.items():
+            if value or name not in buffers:
+                self.counters.add(name, value)
+
+    def step(self, loss: torch.Tensor | Callable[[], torch.Tensor] | None, weights: torch.Tensor,
+             require_nonempty: bool | None = None) -> torch.Tensor:
         """Guarded optimizer step, skipped on the device for an empty selection or a non-finite loss.
 
-        ``require_nonempty=False`` steps on an empty selection too. ``loss=None``: the gradients are
-        already there. Returns the device bool "the step was kept".
+        ``require_nonempty=False`` steps on an empty selection too (default:
+        :attr:`requires_nonempty`). ``loss=None``: the gradients are already there; a callable: the
+        loss, computed only when the step is not skipped. An empty selection known on the host
+        (:meth:`plan_skip`) skips the loss, the backward and the step, with the same result
+        (:meth:`skip_step`). Returns the device bool "the step was kept".
         """
+        require_nonempty = self.requires_nonempty if require_nonempty is None else require_nonempty
+        if self._host_guard:  # reads are free (the CPU): the whole decision on the host, fewer ops
+            kept_n = int((weights > 0).sum())
+            if require_nonempty and kept_n == 0:
+                return self.skip_step(weights, kept=0)
+            ok = self.update(loss() if callable(loss) else loss, True, host=True)
+            self._record_step_on_host(self.update.stepped, kept_n, None, require_nonempty, 1)
+            return ok
+        if require_nonempty and self.empty_selection(weights):
+            return self.skip_step(weights)
+        if callable(loss):
+            loss = loss()
         kept = (weights > 0).sum()
         gate = kept > 0 if require_nonempty else torch.ones((), dtype=torch.bool, device=kept.device)
-        ok = self.update(loss, gate)
+        ok = self.update(loss, gate, host=self._host_guard)
         self.record_step(ok, kept, require_nonempty=require_nonempty)
         return ok
 
@@ -318,10 +467,16 @@ class Method(nn.Module):
         """Refuse a batch before any counter or weight moves (:func:`check_batch`): shape, dtype and
         device of the model's parameters, and, with one host sync, NaN/Inf (``nonfinite="raise"``)
         and values outside :attr:`input_range`."""
-        param = next(self.model.parameters(), None)
+        param = self.__dict__.get("_first_param", False)
+        if param is False:  # found once (a parameter moved by .to() is the same object); cleared by _apply
+            param = self.__dict__["_first_param"] = next(self.model.parameters(), None)
         check_batch(x, channels=getattr(self.model, "input_channels", 3), nonfinite=self.nonfinite,
                     input_range=self.__dict__.get("input_range", (0.0, 1.0)), tolerance=INPUT_TOLERANCE,
                     dtype=None if param is None else param.dtype, device=None if param is None else param.device)
+
+    def _apply(self, fn, *args, **kwargs):
+        self.__dict__.pop("_first_param", None)  # the input check looks it up again
+        return super()._apply(fn, *args, **kwargs)
 
     # ------------------------------------------------------------------ the run
     def networks(self) -> list[nn.Module]:
@@ -538,4 +693,5 @@ class Method(nn.Module):
             warnings.warn(message, stacklevel=3)
 
 
-__all__ = ["Counters", "Method", "NONFINITE_MODES", "make_optimizer"]
+__all__ = ["Counters", "Method", "NONFINITE_MODES", "SKIP_EMPTY_MODES", "check_skip_empty", "make_optimizer",
+           "reads_are_free"]

@@ -35,15 +35,16 @@ class WisdomOfCrowds(BatchMethod):
     * parameters ``norm``: BN + LN (UniEnt) and GroupNorm too (there are none in UniEnt's models).
     * empty selection: UniEnt still steps (the entropy term is NaN but its gradient is zero, so the
       diversity term alone moves the weights). Kept, with the entropy term written as 0 so logs stay
-      finite (``skip_empty=False``; counted in ``empty_selection_steps``); ``skip_empty=True`` skips.
+      finite (``step_on_empty=True``; counted in ``empty_selection_steps``); ``step_on_empty=False``
+      skips (and, known on the host, skips the backward too: ``skip_empty``).
     """
 
     paper = "Lee et al., ICCV 2023 (no official code; UniEnt's re-implementation gaozhengqing/UniEnt)"
     default_params = "norm"
 
-    def __init__(self, model, *, alpha: float = 0.5, margin: float = 0.0, skip_empty: bool = False, **kwargs: Any):
+    def __init__(self, model, *, alpha: float = 0.5, margin: float = 0.0, step_on_empty: bool = True, **kwargs: Any):
         super().__init__(model, **kwargs)
-        self.alpha, self.margin, self.skip_empty = float(alpha), float(margin), bool(skip_empty)
+        self.alpha, self.margin, self.step_on_empty = float(alpha), float(margin), bool(step_on_empty)
         self.counters.add("empty_selection_steps", 0)
 
     def default_policies(self) -> list[Policy]:
@@ -55,8 +56,9 @@ class WisdomOfCrowds(BatchMethod):
     def objective(self, ctx: BatchContext, weights: torch.Tensor) -> torch.Tensor:
         return weighted_mean(ctx.entropy, weights) + diversity(ctx.logits, self.alpha)
 
-    def step(self, loss: torch.Tensor | None, weights: torch.Tensor, require_nonempty: bool | None = None) -> torch.Tensor:
-        return super().step(loss, weights, self.skip_empty if require_nonempty is None else require_nonempty)
+    @property
+    def requires_nonempty(self) -> bool:  # type: ignore[override]
+        return not self.step_on_empty
 
     def hparams(self) -> dict[str, Any]:
-        return {**super().hparams(), "alpha": self.alpha, "margin": self.margin, "skip_empty": self.skip_empty}
+        return {**super().hparams(), "alpha": self.alpha, "margin": self.margin, "step_on_empty": self.step_on_empty}

@@ -43,8 +43,10 @@ class SAR(BatchMethod):
       lr by SAR's rule (2.5e-4 ResNet bs >= 32, 1e-3 ViT at bs 64), doubled at bs 1
       (``double_lr_at_bs1``, SAR commit a266f7d).
     * empty ``S1``/``S2``: the official second SGD step still runs with a zero gradient, so the
-      momentum keeps moving the weights; kept (``skip_empty=False``, counted in
-      ``empty_selection_steps``). ``skip_empty=True`` skips the update when ``S2`` is empty.
+      momentum keeps moving the weights; kept (``step_on_empty=True``, counted in
+      ``empty_selection_steps``). ``step_on_empty=False`` skips the update when ``S2`` is empty; with
+      it, an empty ``S1`` known on the host (``skip_empty``, :class:`~tta.methods.batch.BatchMethod`)
+      also skips the ascent, the second forward and both backwards, with the same result.
     * after a recovery the official code keeps the EMA value (``SAR.forward`` assigns the returned
       ``ema`` after ``reset()`` cleared it), so the model keeps being reset until the EMA climbs
       back above 0.2; kept (docs/methods/sar.md, step 7: the code keeps it).
@@ -69,12 +71,12 @@ class SAR(BatchMethod):
 
     def __init__(self, model, *, e_margin: float = 0.4, rho: float = 0.05, adaptive: bool = False,
                  reset_constant: float = 0.2, ema_momentum: float = 0.9, recovery: bool = True,
-                 skip_empty: bool = False, clear_ema_on_recovery: bool = False,
+                 step_on_empty: bool = True, clear_ema_on_recovery: bool = False,
                  reset_momentum_on_recovery: bool = False, **kwargs: Any):
         super().__init__(model, **kwargs)
         self.e_margin, self.rho, self.adaptive = float(e_margin), float(rho), bool(adaptive)
         self.reset_constant, self.ema_momentum, self.recovery = float(reset_constant), float(ema_momentum), bool(recovery)
-        self.skip_empty, self.clear_ema_on_recovery = bool(skip_empty), bool(clear_ema_on_recovery)
+        self.step_on_empty, self.clear_ema_on_recovery = bool(step_on_empty), bool(clear_ema_on_recovery)
         self.reset_momentum_on_recovery = bool(reset_momentum_on_recovery)
         params = self.adapted_parameters()
         self.sam = SAMPerturbation(params, rho=self.rho, adaptive=self.adaptive)
@@ -88,6 +90,10 @@ class SAR(BatchMethod):
     def default_policies(self) -> list[Policy]:
         return [EntropyMargin(fraction=self.e_margin)]
 
+    @property
+    def requires_nonempty(self) -> bool:  # type: ignore[override]
+        return not self.step_on_empty
+
     def margin(self) -> float:
         return self.e_margin * math.log(self.num_classes)
 
@@ -99,6 +105,15 @@ class SAR(BatchMethod):
         logits = self.run_model(x)
         ctx = self.context(x, logits)
         weights = self.select(ctx)
+        if self.requires_nonempty and self.empty_selection(weights):  # S1 empty, so S2 too: no update
+            self.last_selection["entropy_margin_sam"] = torch.zeros_like(weights, dtype=torch.bool)
+            self.counters.add("forwards", 2)
+            self.skip_step(weights, backwards=2)
+            if self.recovery:
+                self._recover(self.ema_exists & (self.ema < self.reset_constant))
+            return logits.detach()
+        if self._host_guard and self.step_on_empty and self._zero_gradient_step(logits, weights):
+            return logits.detach()
         loss = weighted_mean(ctx.entropy, weights)
         ok_first = loss.detach().isfinite()
         loss.backward()
@@ -120,13 +135,53 @@ class SAR(BatchMethod):
         loss2.backward()
         self.sam.restore()
         nonempty = kept2 > 0
-        ok = self.update(None, ok & nonempty if self.skip_empty else ok)
+        ok = self.update(None, ok & nonempty if self.requires_nonempty else ok, host=self._host_guard)
         self.counters.add("forwards", 2)
         self.counters.add("second_kept", kept2 * ok)
-        self.record_step(ok, (weights > 0).sum(), nonempty=nonempty, require_nonempty=self.skip_empty, backwards=2)
+        self.record_step(ok, (weights > 0).sum(), nonempty=nonempty, require_nonempty=self.requires_nonempty, backwards=2)
         if self.recovery:
             self._recover(self.ema_exists & (self.ema < self.reset_constant))
         return logits.detach()
+
+    def _zero_gradient_step(self, logits: torch.Tensor, weights: torch.Tensor) -> bool:
+        """The official step on an empty ``S1``, without the work that cannot change it.
+
+        With ``S1`` empty and finite logits, both backwards give exactly zero gradients, so the
+        ascent moves nothing, the second forward repeats the first, ``S2`` is empty and the EMA
+        stays; what remains is the SGD step on a zero gradient (the momentum moves the weights).
+        Where reads are free (the CPU, ``skip_empty`` not ``"never"``) the size and the finiteness
+        are read on the host and only that step is taken, with zero gradients on the parameters the
+        loss reaches (all of them, checked once on the autograd graph; otherwise the full step
+        runs). Returns whether it did; weights, optimizer state and counters are those of the full step."""
+        if int((weights > 0).sum()) or not bool(logits.detach().isfinite().all()) \
+                or not self._reaches_every_parameter(logits):
+            return False
+        self.last_selection["entropy_margin_sam"] = torch.zeros_like(weights, dtype=torch.bool)
+        for p in self.adapted_parameters():
+            p.grad = torch.zeros_like(p)
+        self.update(None, True, host=True)
+        self.counters.add("forwards", 2)
+        self._record_step_on_host(self.update.stepped, 0, False, False, 2)
+        if self.recovery:
+            self._recover(self.ema_exists & (self.ema < self.reset_constant))
+        return True
+
+    def _reaches_every_parameter(self, logits: torch.Tensor) -> bool:
+        """Whether a loss on ``logits`` reaches every adapted parameter (walked once on the autograd graph)."""
+        reached = self.__dict__.get("_reaches_all")
+        if reached is None:
+            leaves, seen, stack = set(), set(), [logits.grad_fn]
+            while stack:
+                fn = stack.pop()
+                if fn is None or fn in seen:
+                    continue
+                seen.add(fn)
+                variable = getattr(fn, "variable", None)
+                if variable is not None:
+                    leaves.add(id(variable))
+                stack.extend(f for f, _ in fn.next_functions)
+            reached = self.__dict__["_reaches_all"] = all(id(p) in leaves for p in self.adapted_parameters())
+        return reached
 
     @torch.no_grad()
     def _recover(self, flag: torch.Tensor) -> None:
@@ -149,6 +204,6 @@ class SAR(BatchMethod):
     def hparams(self) -> dict[str, Any]:
         return {**super().hparams(), "e_margin": self.e_margin, "e_margin_nats": self.margin(), "rho": self.rho,
                 "adaptive": self.adaptive, "reset_constant": self.reset_constant, "ema_momentum": self.ema_momentum,
-                "recovery": self.recovery, "skip_empty": self.skip_empty,
+                "recovery": self.recovery, "step_on_empty": self.step_on_empty,
                 "clear_ema_on_recovery": self.clear_ema_on_recovery,
                 "reset_momentum_on_recovery": self.reset_momentum_on_recovery}

@@ -15,7 +15,10 @@ optimizer state is primed (and the snapshot buffers allocated) eagerly by :meth:
 which callers run outside a compiled region, so a compiled step sees the same Python state on every
 batch.
 
-Optimizers other than SGD/Adam/AdamW fall back to a host-side check (one sync per batch).
+Optimizers other than SGD/Adam/AdamW fall back to a host-side check (one sync per batch). Where
+a read costs nothing (the CPU), callers pass ``host=True`` for the same check and skip the
+snapshot and the undo: the stepped state is the same either way (the blend reproduces either side
+bit for bit).
 """
 from __future__ import annotations
 
@@ -87,6 +90,8 @@ class GuardedStep:
         self.device_side = isinstance(optimizer, _PRIMABLE)
         self._snapshot: list[torch.Tensor] | None = None
         self._primed: dict[torch.Tensor, dict[str, object]] = {}
+        #: with ``host=True``: whether the last update was taken (the decision, read on the host)
+        self.stepped = False
 
     def _state_tensors(self) -> list[torch.Tensor]:
         tensors = list(self.params)
@@ -145,22 +150,37 @@ class GuardedStep:
             return torch.ones((), dtype=torch.bool, device=self.params[0].device)
         return torch.stack(torch._foreach_norm(grads)).isfinite().all()
 
-    def __call__(self, loss: torch.Tensor | None, ok: torch.Tensor) -> torch.Tensor:
+    def __call__(self, loss: torch.Tensor | None, ok: torch.Tensor | bool, *, host: bool = False) -> torch.Tensor:
         """Backward ``loss`` (``None``: gradients are already there) and step if ``ok``.
 
-        Returns the boolean tensor saying whether the step was kept.
+        ``host=True`` reads the decision on the host (free on the CPU) and steps only when it holds,
+        without the snapshot and the undo: the same result, less work. Returns the boolean tensor
+        saying whether the step was kept.
         """
         if loss is not None:
             ok = ok & loss.detach().isfinite()
             loss.backward()
-        ok = self.apply(ok)
-        self.optimizer.zero_grad(set_to_none=True)
+        ok = self.apply(ok, host=host)
+        self.clear_grads()
         return ok
 
-    def apply(self, ok: torch.Tensor) -> torch.Tensor:
+    def clear_grads(self) -> None:
+        """``optimizer.zero_grad(set_to_none=True)`` without its per-call profiling and dispatch wrappers
+        (the same effect: every parameter's gradient set to ``None``)."""
+        for p in self.params:
+            p.grad = None
+
+    def apply(self, ok: torch.Tensor | bool, *, host: bool = False) -> torch.Tensor:
         """Step with the gradients already there, undone unless ``ok`` and all gradients are finite.
-        Does not clear the gradients. Returns the boolean tensor "the step was kept"."""
+        Does not clear the gradients (non-finite ones are zeroed, except with ``host=True``, where a
+        step that would be undone is not taken). Returns the boolean tensor "the step was kept"."""
         ok = ok & self.grads_finite()
+        if host:  # the decision read on the host (one read): step or not, nothing to undo
+            self.stepped = bool(ok)
+            if self.stepped:
+                self.prime()
+                self.optimizer.step()
+            return ok
         for p in self.params:
             if p.grad is not None:
                 p.grad.nan_to_num_(0.0, 0.0, 0.0)
