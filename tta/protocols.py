@@ -83,6 +83,7 @@ EATA_REPO = "mr-eggplant/EATA@f739b36"
 SAR_REPO = "mr-eggplant/SAR@20f6e24"
 DEYO_REPO = "Jhyun17/DeYO@3d7d289"
 UNIENT = "gaozhengqing/UniEnt@af7faa8"
+CCC = "oripress/CCC@656dec3"
 
 SOURCES: dict[str, str] = {
     "eata-main": f"{EATA_REPO} main.py (--batch_size 64, SGD 0.00025 momentum 0.9, --e_margin 0.4 ln 1000, "
@@ -103,6 +104,10 @@ SOURCES: dict[str, str] = {
     "mario-sar": f"{MARIO} classification/methods/sar.py setup_optimizer (SAM over SGD, lr OPTIM.LR, momentum "
                  f"OPTIM.MOMENTUM, whatever OPTIM.METHOD says; SAM rho 0.05)",
     "unient-cifar": f"{UNIENT} cifar/main.py (--method Adam, --lr 0.001, --alpha 0.5)",
+    "ccc-rdumb": f"{CCC} models/rdumb.py (SGD 0.00025 momentum 0.9 line 38, e_margin 0.4 ln 1000 line 25, "
+                 f"d_margin 0.05 lines 26-28, reset every 1000 batches line 50) and eval.py (batch_size 64 line 33)",
+    "mario-rdumb": f"{MARIO} classification/cfgs/cifar10_c/rdumb.yaml and cifar100_c/rdumb.yaml "
+                   f"(RESET_AFTER_NUM_UPDATES 1000 line 3, EATA.D_MARGIN 0.4 line 35, FISHER_ALPHA 0)",
     "eata_c-from-eata": "EATA-C has no public code: EATA's value for this benchmark, a decision of this toolkit "
                         "(docs/benchmarks/protocols.md)",
 }
@@ -137,6 +142,10 @@ def _imagenet() -> Protocol:
                     "reset_constant": Cited(0.2, "sar-main")},
             "deyo": {**sgd_rule("deyo-main"), "deyo_margin": Cited(0.5, "deyo-main"),
                      "margin_e0": Cited(0.4, "deyo-main"), "plpd_threshold": Cited(0.2, "deyo-main")},
+            "rdumb": {"optimizer": Cited("sgd", "ccc-rdumb"), "lr": Cited(2.5e-4, "ccc-rdumb"),
+                      "momentum": Cited(0.9, "ccc-rdumb"), "weight_decay": Cited(0.0, "ccc-rdumb"),
+                      "steps": Cited(1, "ccc-rdumb"), "e_margin": Cited(0.4, "ccc-rdumb"),
+                      "d_margin": Cited(0.05, "ccc-rdumb", tuned_for=1000), "reset_every": Cited(1000, "ccc-rdumb")},
             "crowds": {"optimizer": Cited("sgd", "unient-imagenet"), "lr": Cited(1e-3, "unient-imagenet"),
                        "momentum": Cited(0.9, "unient-imagenet"), "alpha": Cited(0.5, "unient-imagenet")},
         },
@@ -167,6 +176,9 @@ def _cifar() -> Protocol:
                     "rho": Cited(0.05, "mario-sar"), "reset_constant": Cited(0.2, "mario-conf")},
             "deyo": {**adam("mario-cifar"), "deyo_margin": Cited(0.5, "mario-conf"),
                      "margin_e0": Cited(0.4, "mario-conf"), "plpd_threshold": Cited(0.2, "mario-conf")},
+            "rdumb": {**adam("mario-cifar"), "e_margin": Cited(0.4, "mario-conf"),
+                      "d_margin": ByClasses({10: 0.4, 100: 0.4}, "mario-rdumb"),
+                      "reset_every": Cited(1000, "mario-rdumb")},
             "crowds": {"optimizer": Cited("adam", "unient-cifar"), "lr": Cited(1e-3, "unient-cifar"),
                        "alpha": Cited(0.5, "unient-cifar")},
         },

@@ -66,6 +66,7 @@ class BatchMethod(Method):
                                   "are degenerate (it still runs)")
         if self.episodic:
             self.reset()
+        self.periodic_reset()  # reset_every (tta.methods.periodic)
         self.count_batch(x)
         if self.speed.channels_last:  # the layout the compiled graphs were made for (a no-op when it is already)
             x = x.contiguous(memory_format=torch.channels_last)
