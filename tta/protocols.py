@@ -84,6 +84,7 @@ SAR_REPO = "mr-eggplant/SAR@20f6e24"
 DEYO_REPO = "Jhyun17/DeYO@3d7d289"
 UNIENT = "gaozhengqing/UniEnt@af7faa8"
 CCC = "oripress/CCC@656dec3"
+LAME_REPO = "fiveai/LAME@d2e5f63"
 
 SOURCES: dict[str, str] = {
     "eata-main": f"{EATA_REPO} main.py (--batch_size 64, SGD 0.00025 momentum 0.9, --e_margin 0.4 ln 1000, "
@@ -108,6 +109,11 @@ SOURCES: dict[str, str] = {
                  f"d_margin 0.05 lines 26-28, reset every 1000 batches line 50) and eval.py (batch_size 64 line 33)",
     "mario-rdumb": f"{MARIO} classification/cfgs/cifar10_c/rdumb.yaml and cifar100_c/rdumb.yaml "
                    f"(RESET_AFTER_NUM_UPDATES 1000 line 3, EATA.D_MARGIN 0.4 line 35, FISHER_ALPHA 0)",
+    "lame-defaults": f"{LAME_REPO} src/config/defaults.py lines 65-68 (LAME_KNN 5, LAME_AFFINITY 'rbf', "
+                     f"LAME_FORCE_SYMMETRY False; configs/method/best/LAME keeps them) and src/adaptation/lame.py "
+                     f"line 125 (bound_lambda 1, max_steps 100)",
+    "mario-lame": f"{MARIO} classification/conf.py lines 212-215 (LAME.AFFINITY rbf, KNN 5, FORCE_SYMMETRY False); "
+                  f"cfgs/cifar10_c/lame.yaml, cifar100_c/lame.yaml (TEST.BATCH_SIZE 200)",
     "eata_c-from-eata": "EATA-C has no public code: EATA's value for this benchmark, a decision of this toolkit "
                         "(docs/benchmarks/protocols.md)",
 }
@@ -146,6 +152,9 @@ def _imagenet() -> Protocol:
                       "momentum": Cited(0.9, "ccc-rdumb"), "weight_decay": Cited(0.0, "ccc-rdumb"),
                       "steps": Cited(1, "ccc-rdumb"), "e_margin": Cited(0.4, "ccc-rdumb"),
                       "d_margin": Cited(0.05, "ccc-rdumb", tuned_for=1000), "reset_every": Cited(1000, "ccc-rdumb")},
+            "lame": {"affinity": Cited("rbf", "lame-defaults"), "knn": Cited(5, "lame-defaults"),
+                     "force_symmetry": Cited(False, "lame-defaults"), "bound_lambda": Cited(1.0, "lame-defaults"),
+                     "max_steps": Cited(100, "lame-defaults")},
             "crowds": {"optimizer": Cited("sgd", "unient-imagenet"), "lr": Cited(1e-3, "unient-imagenet"),
                        "momentum": Cited(0.9, "unient-imagenet"), "alpha": Cited(0.5, "unient-imagenet")},
         },
@@ -179,6 +188,9 @@ def _cifar() -> Protocol:
             "rdumb": {**adam("mario-cifar"), "e_margin": Cited(0.4, "mario-conf"),
                       "d_margin": ByClasses({10: 0.4, 100: 0.4}, "mario-rdumb"),
                       "reset_every": Cited(1000, "mario-rdumb")},
+            "lame": {"affinity": Cited("rbf", "mario-lame"), "knn": Cited(5, "mario-lame"),
+                     "force_symmetry": Cited(False, "mario-lame"), "bound_lambda": Cited(1.0, "lame-defaults"),
+                     "max_steps": Cited(100, "lame-defaults")},
             "crowds": {"optimizer": Cited("adam", "unient-cifar"), "lr": Cited(1e-3, "unient-cifar"),
                        "alpha": Cited(0.5, "unient-cifar")},
         },
