@@ -85,6 +85,7 @@ DEYO_REPO = "Jhyun17/DeYO@3d7d289"
 UNIENT = "gaozhengqing/UniEnt@af7faa8"
 CCC = "oripress/CCC@656dec3"
 LAME_REPO = "fiveai/LAME@d2e5f63"
+COTTA_REPO = "qinenergy/cotta@c212a20"
 
 SOURCES: dict[str, str] = {
     "eata-main": f"{EATA_REPO} main.py (--batch_size 64, SGD 0.00025 momentum 0.9, --e_margin 0.4 ln 1000, "
@@ -114,6 +115,13 @@ SOURCES: dict[str, str] = {
                      f"line 125 (bound_lambda 1, max_steps 100)",
     "mario-lame": f"{MARIO} classification/conf.py lines 212-215 (LAME.AFFINITY rbf, KNN 5, FORCE_SYMMETRY False); "
                   f"cfgs/cifar10_c/lame.yaml, cifar100_c/lame.yaml (TEST.BATCH_SIZE 200)",
+    "cotta-imagenet": f"{COTTA_REPO} imagenet/cfgs/10orders/cotta/cotta0-9.yaml (SGD, LR 0.01, WD 0, STEPS 1, "
+                      f"BATCH_SIZE 64; lines 24-31), imagenet/imagenetc.py lines 117-123 (momentum 0.9, nesterov), "
+                      f"imagenet/cotta.py (32 augmented passes only when the anchor's mean confidence < 0.1, lines "
+                      f"100-106; symmetric loss, lines 114 and 131-134; EMA 0.999, line 119; restore 0.001, line 125)",
+    "cotta-cifar": f"{COTTA_REPO} cifar/cfgs/cifar10/cotta.yaml and cifar100/cotta.yaml lines 26-34 (Adam, LR 1e-3, "
+                   f"WD 0, STEPS 1, MT 0.999, RST 0.01, AP 0.92 / 0.72; BATCH_SIZE 200 line 5), cifar/cotta.py "
+                   f"(32 augmented passes always, lines 101-110; one-sided loss, lines 112 and 129-132)",
     "eata_c-from-eata": "EATA-C has no public code: EATA's value for this benchmark, a decision of this toolkit "
                         "(docs/benchmarks/protocols.md)",
 }
@@ -152,6 +160,12 @@ def _imagenet() -> Protocol:
                       "momentum": Cited(0.9, "ccc-rdumb"), "weight_decay": Cited(0.0, "ccc-rdumb"),
                       "steps": Cited(1, "ccc-rdumb"), "e_margin": Cited(0.4, "ccc-rdumb"),
                       "d_margin": Cited(0.05, "ccc-rdumb", tuned_for=1000), "reset_every": Cited(1000, "ccc-rdumb")},
+            "cotta": {"optimizer": Cited("sgd", "cotta-imagenet"), "lr": Cited(0.01, "cotta-imagenet"),
+                      "momentum": Cited(0.9, "cotta-imagenet"), "nesterov": Cited(True, "cotta-imagenet"),
+                      "weight_decay": Cited(0.0, "cotta-imagenet"), "steps": Cited(1, "cotta-imagenet"),
+                      "mt": Cited(0.999, "cotta-imagenet"), "rst": Cited(0.001, "cotta-imagenet"),
+                      "ap": Cited(0.1, "cotta-imagenet"), "num_augs": Cited(32, "cotta-imagenet"),
+                      "loss": Cited("symmetric", "cotta-imagenet"), "augment_always": Cited(False, "cotta-imagenet")},
             "lame": {"affinity": Cited("rbf", "lame-defaults"), "knn": Cited(5, "lame-defaults"),
                      "force_symmetry": Cited(False, "lame-defaults"), "bound_lambda": Cited(1.0, "lame-defaults"),
                      "max_steps": Cited(100, "lame-defaults")},
@@ -188,6 +202,9 @@ def _cifar() -> Protocol:
             "rdumb": {**adam("mario-cifar"), "e_margin": Cited(0.4, "mario-conf"),
                       "d_margin": ByClasses({10: 0.4, 100: 0.4}, "mario-rdumb"),
                       "reset_every": Cited(1000, "mario-rdumb")},
+            "cotta": {**adam("cotta-cifar"), "mt": Cited(0.999, "cotta-cifar"), "rst": Cited(0.01, "cotta-cifar"),
+                      "ap": ByClasses({10: 0.92, 100: 0.72}, "cotta-cifar"), "num_augs": Cited(32, "cotta-cifar"),
+                      "loss": Cited("one_sided", "cotta-cifar"), "augment_always": Cited(True, "cotta-cifar")},
             "lame": {"affinity": Cited("rbf", "mario-lame"), "knn": Cited(5, "mario-lame"),
                      "force_symmetry": Cited(False, "mario-lame"), "bound_lambda": Cited(1.0, "lame-defaults"),
                      "max_steps": Cited(100, "lame-defaults")},
