@@ -541,14 +541,19 @@ class Method(nn.Module):
         return {}
 
     def stats(self) -> dict[str, Any]:
-        """Counters and per-policy seen/kept counts (one host sync)."""
-        return {"counters": self.counters.as_dict(), "policies": self.policy_counters.as_dict()}
+        """Counters, forwards and backwards per batch (the cost of the method, comparable across
+        methods), and per-policy seen/kept counts (one host sync)."""
+        counters = self.counters.as_dict()
+        batches = counters.get("batches", 0)
+        per_batch = {k: round(counters[k] / batches, 4) for k in ("forwards", "backwards") if batches and k in counters}
+        return {"counters": counters, "per_batch": per_batch, "policies": self.policy_counters.as_dict()}
 
     def hparams(self) -> dict[str, Any]:
         """The resolved hyperparameters, for the run record."""
         out = {"method": self.name, "paper": self.paper, "params": self.params_preset,
                "num_adapted_tensors": len(self.param_names),
                "num_adapted_values": int(sum(p.numel() for p in self.adapted_parameters())),
+               "model_copies": len(self.networks()),  # networks held (adapted, frozen source, teacher, ...)
                "steps": self.steps, "episodic": self.episodic, "reset_every": self.reset_every,
                "nonfinite": self.nonfinite,
                "policies": [{"name": p.name, **p.hparams()} for p in self.policies]}

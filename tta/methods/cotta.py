@@ -183,7 +183,7 @@ class CoTTA(BatchMethod):
     def hparams(self) -> dict[str, Any]:
         out = {**super().hparams(), "mt": self.mt, "rst": self.rst, "ap": self.ap, "num_augs": self.num_augs,
                "loss": self.loss, "augment_always": self.augment_always, "restore_rng": self.restore_rng,
-               "augmentation": self.augment.hparams(), "model_copies": 3}
+               "augmentation": self.augment.hparams()}
         if "optimizer" in out:
             out["optimizer"]["nesterov"] = self.nesterov
         return out
