@@ -25,6 +25,7 @@ from ..models.params import has_batchnorm
 from ..objectives import weighted_mean
 from ..policies import BatchContext
 from .core import Method
+from .memory_step import adapt_from_memory, check_memory_policies, memory_policies
 from .speed import compile_fn, compile_network
 
 
@@ -32,13 +33,14 @@ class BatchMethod(Method):
     """Base of the batch family (see the module docstring); arguments as :class:`Method`."""
 
     policy_level: ClassVar[str] = "samples"
-    provides: ClassVar[frozenset[str]] = frozenset({"source", "model"})
+    provides: ClassVar[frozenset[str]] = frozenset({"source", "model", "memory"})
 
     # ------------------------------------------------------------------ the frozen source copy
     def on_policies_assembled(self) -> None:
         self._frozen: list[nn.Module] = []  # a list: not a submodule (not in state_dict or parameters())
         if any("source" in p.needs for p in self.policies):
             self._frozen = [copy.deepcopy(self.model).requires_grad_(False)]
+        check_memory_policies(self)  # a memory policy: the step learns from its memory (tta.methods.memory_step)
 
     @property
     def frozen_source(self) -> nn.Module | None:
@@ -128,6 +130,8 @@ class BatchMethod(Method):
                 logits = self.run_model(x)
             self.counters.add("forwards", 1)
             return logits
+        if memory_policies(self):  # learn from a sample memory (tta.methods.memory_step)
+            return adapt_from_memory(self, x)
         logits = self.run_model(x)
         self.counters.add("forwards", 1)
         ctx = self.context(x, logits)

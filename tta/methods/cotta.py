@@ -75,6 +75,8 @@ class CoTTA(BatchMethod):
     """
 
     paper = "Wang et al., CVPR 2022 (qinenergy/cotta)"
+    #: its own step (not the family's default): no sample memory to train from (tta.methods.memory_step)
+    provides = frozenset({"source", "model"})
     default_params = "all"
     default_optimizer = "sgd"
 

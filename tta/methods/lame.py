@@ -51,6 +51,8 @@ class LAME(BatchMethod):
     """
 
     paper = "Boudiaf et al., CVPR 2022 (fiveai/LAME)"
+    #: nothing is learned: no signal for a policy to act on
+    provides = frozenset()
     learns = False
     batch_stats = False
 

@@ -31,6 +31,7 @@ SIGNALS: dict[str, str] = {
     "source": "the frozen source model (its logits on each batch)",
     "model": "to re-forward a transformed batch through the adapted model",
     "embeddings": "image embeddings of the views",
+    "memory": "a sample memory to train from (the batch family's default step)",
 }
 
 
