@@ -86,6 +86,7 @@ UNIENT = "gaozhengqing/UniEnt@af7faa8"
 CCC = "oripress/CCC@656dec3"
 LAME_REPO = "fiveai/LAME@d2e5f63"
 COTTA_REPO = "qinenergy/cotta@c212a20"
+ROTTA_REPO = "BIT-DA/RoTTA@67e34c9"
 
 SOURCES: dict[str, str] = {
     "eata-main": f"{EATA_REPO} main.py (--batch_size 64, SGD 0.00025 momentum 0.9, --e_margin 0.4 ln 1000, "
@@ -122,6 +123,12 @@ SOURCES: dict[str, str] = {
     "cotta-cifar": f"{COTTA_REPO} cifar/cfgs/cifar10/cotta.yaml and cifar100/cotta.yaml lines 26-34 (Adam, LR 1e-3, "
                    f"WD 0, STEPS 1, MT 0.999, RST 0.01, AP 0.92 / 0.72; BATCH_SIZE 200 line 5), cifar/cotta.py "
                    f"(32 augmented passes always, lines 101-110; one-sided loss, lines 112 and 129-132)",
+    "rotta-cifar": f"{ROTTA_REPO} configs/adapter/rotta.yaml (Adam line 5, LR 1e-3 line 8, WD 0 line 9, NU 0.001, "
+                   f"MEMORY_SIZE 64, UPDATE_FREQUENCY 64, LAMBDA_T 1, LAMBDA_U 1, ALPHA 0.05 lines 17-22; its batch 64, "
+                   f"line 2) and core/configs/defaults.py lines 95-101",
+    "mario-rotta": f"{MARIO} classification/cfgs/imagenet_c/rotta.yaml (Adam, LR 0.001, WD 0, BATCH_SIZE 64) and "
+                   f"conf.py lines 249-254 (ROTTA.MEMORY_SIZE 64, UPDATE_FREQUENCY 64, NU 0.001, ALPHA 0.05, LAMBDA_T/U 1): "
+                   f"RoTTA's own code has no ImageNet run",
     "eata_c-from-eata": "EATA-C has no public code: EATA's value for this benchmark, a decision of this toolkit "
                         "(docs/benchmarks/protocols.md)",
 }
@@ -166,6 +173,10 @@ def _imagenet() -> Protocol:
                       "mt": Cited(0.999, "cotta-imagenet"), "rst": Cited(0.001, "cotta-imagenet"),
                       "ap": Cited(0.1, "cotta-imagenet"), "num_augs": Cited(32, "cotta-imagenet"),
                       "loss": Cited("symmetric", "cotta-imagenet"), "augment_always": Cited(False, "cotta-imagenet")},
+            "rotta": {"optimizer": Cited("adam", "mario-rotta"), "lr": Cited(1e-3, "mario-rotta"),
+                      "weight_decay": Cited(0.0, "mario-rotta"), "steps": Cited(1, "mario-rotta"), "nu": Cited(0.001, "mario-rotta"),
+                      "capacity": Cited(64, "mario-rotta"), "update_every": Cited(64, "mario-rotta"), "lambda_t": Cited(1.0, "mario-rotta"),
+                      "lambda_u": Cited(1.0, "mario-rotta"), "alpha": Cited(0.05, "mario-rotta")},
             "lame": {"affinity": Cited("rbf", "lame-defaults"), "knn": Cited(5, "lame-defaults"),
                      "force_symmetry": Cited(False, "lame-defaults"), "bound_lambda": Cited(1.0, "lame-defaults"),
                      "max_steps": Cited(100, "lame-defaults")},
@@ -205,6 +216,10 @@ def _cifar() -> Protocol:
             "cotta": {**adam("cotta-cifar"), "mt": Cited(0.999, "cotta-cifar"), "rst": Cited(0.01, "cotta-cifar"),
                       "ap": ByClasses({10: 0.92, 100: 0.72}, "cotta-cifar"), "num_augs": Cited(32, "cotta-cifar"),
                       "loss": Cited("one_sided", "cotta-cifar"), "augment_always": Cited(True, "cotta-cifar")},
+            "rotta": {"optimizer": Cited("adam", "rotta-cifar"), "lr": Cited(1e-3, "rotta-cifar"),
+                      "weight_decay": Cited(0.0, "rotta-cifar"), "steps": Cited(1, "rotta-cifar"), "nu": Cited(0.001, "rotta-cifar"),
+                      "capacity": Cited(64, "rotta-cifar"), "update_every": Cited(64, "rotta-cifar"), "lambda_t": Cited(1.0, "rotta-cifar"),
+                      "lambda_u": Cited(1.0, "rotta-cifar"), "alpha": Cited(0.05, "rotta-cifar")},
             "lame": {"affinity": Cited("rbf", "mario-lame"), "knn": Cited(5, "mario-lame"),
                      "force_symmetry": Cited(False, "mario-lame"), "bound_lambda": Cited(1.0, "lame-defaults"),
                      "max_steps": Cited(100, "lame-defaults")},
