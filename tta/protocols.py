@@ -87,6 +87,7 @@ CCC = "oripress/CCC@656dec3"
 LAME_REPO = "fiveai/LAME@d2e5f63"
 COTTA_REPO = "qinenergy/cotta@c212a20"
 ROTTA_REPO = "BIT-DA/RoTTA@67e34c9"
+SOTTA_REPO = "taeckyung/SoTTA@50b3333"
 
 SOURCES: dict[str, str] = {
     "eata-main": f"{EATA_REPO} main.py (--batch_size 64, SGD 0.00025 momentum 0.9, --e_margin 0.4 ln 1000, "
@@ -129,6 +130,9 @@ SOURCES: dict[str, str] = {
     "mario-rotta": f"{MARIO} classification/cfgs/imagenet_c/rotta.yaml (Adam, LR 0.001, WD 0, BATCH_SIZE 64) and "
                    f"conf.py lines 249-254 (ROTTA.MEMORY_SIZE 64, UPDATE_FREQUENCY 64, NU 0.001, ALPHA 0.05, LAMBDA_T/U 1): "
                    f"RoTTA's own code has no ImageNet run",
+    "sotta-tta-sh": f"{SOTTA_REPO} tta.sh (update_every_x 64, memory_size 64, weight_decay 0, lines 70-75; SoTTA: "
+                    f"lr 0.001, bn_momentum 0.2, high_threshold 0.99 CIFAR-10 / 0.66 CIFAR-100 / 0.33 ImageNet, --esm, "
+                    f"lines 171-195), utils/sam_optimizer.py (rho 0.05, line 43), utils/loss_functions.py (temperature 1)",
     "eata_c-from-eata": "EATA-C has no public code: EATA's value for this benchmark, a decision of this toolkit "
                         "(docs/benchmarks/protocols.md)",
 }
@@ -177,6 +181,11 @@ def _imagenet() -> Protocol:
                       "weight_decay": Cited(0.0, "mario-rotta"), "steps": Cited(1, "mario-rotta"), "nu": Cited(0.001, "mario-rotta"),
                       "capacity": Cited(64, "mario-rotta"), "update_every": Cited(64, "mario-rotta"), "lambda_t": Cited(1.0, "mario-rotta"),
                       "lambda_u": Cited(1.0, "mario-rotta"), "alpha": Cited(0.05, "mario-rotta")},
+            "sotta": {"optimizer": Cited("adam", "sotta-tta-sh"), "lr": Cited(1e-3, "sotta-tta-sh"),
+                      "weight_decay": Cited(0.0, "sotta-tta-sh"), "threshold": Cited(0.33, "sotta-tta-sh"),
+                      "capacity": Cited(64, "sotta-tta-sh"), "update_every": Cited(64, "sotta-tta-sh"),
+                      "bn_momentum": Cited(0.2, "sotta-tta-sh"), "rho": Cited(0.05, "sotta-tta-sh"),
+                      "temperature": Cited(1.0, "sotta-tta-sh")},
             "lame": {"affinity": Cited("rbf", "lame-defaults"), "knn": Cited(5, "lame-defaults"),
                      "force_symmetry": Cited(False, "lame-defaults"), "bound_lambda": Cited(1.0, "lame-defaults"),
                      "max_steps": Cited(100, "lame-defaults")},
@@ -220,6 +229,11 @@ def _cifar() -> Protocol:
                       "weight_decay": Cited(0.0, "rotta-cifar"), "steps": Cited(1, "rotta-cifar"), "nu": Cited(0.001, "rotta-cifar"),
                       "capacity": Cited(64, "rotta-cifar"), "update_every": Cited(64, "rotta-cifar"), "lambda_t": Cited(1.0, "rotta-cifar"),
                       "lambda_u": Cited(1.0, "rotta-cifar"), "alpha": Cited(0.05, "rotta-cifar")},
+            "sotta": {"optimizer": Cited("adam", "sotta-tta-sh"), "lr": Cited(1e-3, "sotta-tta-sh"),
+                      "weight_decay": Cited(0.0, "sotta-tta-sh"), "threshold": ByClasses({10: 0.99, 100: 0.66}, "sotta-tta-sh"),
+                      "capacity": Cited(64, "sotta-tta-sh"), "update_every": Cited(64, "sotta-tta-sh"),
+                      "bn_momentum": Cited(0.2, "sotta-tta-sh"), "rho": Cited(0.05, "sotta-tta-sh"),
+                      "temperature": Cited(1.0, "sotta-tta-sh")},
             "lame": {"affinity": Cited("rbf", "mario-lame"), "knn": Cited(5, "mario-lame"),
                      "force_symmetry": Cited(False, "mario-lame"), "bound_lambda": Cited(1.0, "lame-defaults"),
                      "max_steps": Cited(100, "lame-defaults")},
