@@ -51,8 +51,16 @@ class SampleMemory(torch.nn.Module):
             getattr(self, name).zero_()
 
     # ------------------------------------------------------------------ host view (one sync)
-    def host_view(self) -> dict[str, list]:
-        """The bookkeeping as Python lists (one host read)."""
+    def fits(self, x: torch.Tensor) -> bool:
+        """Whether images like ``x`` can join the stored ones (same size and dtype)."""
+        return self.images.dim() == x.dim() and self.images.shape[1:] == x.shape[1:] and self.images.dtype == x.dtype
+
+    def host_view(self, x: torch.Tensor | None = None) -> dict[str, list]:
+        """The bookkeeping as Python lists (one host read). Given a batch ``x`` of another image size
+        or dtype than the stored images, the memory is emptied first: samples of different sizes
+        cannot be trained on together (a stream whose image size changes starts a new memory)."""
+        if x is not None and not self.fits(x):
+            self.clear()
         return {"occupied": self.occupied.tolist(), "labels": self.labels.tolist(), "ages": self.ages.tolist(),
                 "scores": self.scores.tolist(), "order": self.order.tolist(), "inserted": int(self.inserted)}
 
@@ -60,9 +68,8 @@ class SampleMemory(torch.nn.Module):
         """Write back the bookkeeping of ``view`` and the images ``x[i]`` into slot ``placed[i]``."""
         device = self.occupied.device
         if self.images.dim() != x.dim() or self.images.shape[1:] != x.shape[1:] or self.images.dtype != x.dtype:
-            if bool(self.occupied.any()):
-                raise ValueError(f"memory: images of shape {tuple(x.shape[1:])} do not fit a memory of "
-                                 f"{tuple(self.images.shape[1:])}")
+            # first batch, or images of another size or dtype than those stored: a new memory buffer
+            # (the caller's decisions were made on an emptied view, see MemoryPolicy.fits)
             self.images = torch.zeros(self.capacity, *x.shape[1:], dtype=x.dtype, device=x.device)
         if placed:
             slots = torch.tensor(list(placed.values()), dtype=torch.long, device=x.device)

@@ -61,7 +61,7 @@ class RoTTAMemory(MemoryPolicy):
     def admit(self, x: torch.Tensor, logits: torch.Tensor) -> tuple[torch.Tensor, int]:
         labels = logits.detach().argmax(1)
         values = torch.stack([labels.to(torch.float64), self.uncertainty(logits).to(torch.float64)]).tolist()
-        view = self.memory.host_view()  # with the line above, the only host reads of the batch
+        view = self.memory.host_view(x)  # with the line above, the only host reads of the batch
         admitted, evicted = self.admit_on_host(view, [int(c) for c in values[0]], values[1])
         placed = {i: s for s, i in enumerate(view["batch_index"]) if i >= 0 and view["occupied"][s]}
         self.memory.write(view, x, placed)

@@ -42,7 +42,7 @@ class SoTTAMemory(MemoryPolicy):
         probs = logits.detach().float().softmax(1)
         confidence, labels = probs.max(1)
         values = torch.stack([labels.to(torch.float64), confidence.to(torch.float64)]).tolist()
-        view = self.memory.host_view()  # with the line above, the only host reads of the batch
+        view = self.memory.host_view(x)  # with the line above, the only host reads of the batch
         admitted, evicted = self.admit_on_host(view, [int(c) for c in values[0]], values[1])
         placed = {i: s for s, i in enumerate(view["batch_index"]) if i >= 0 and view["occupied"][s]}
         self.memory.write(view, x, placed)
