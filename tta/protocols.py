@@ -133,6 +133,11 @@ SOURCES: dict[str, str] = {
     "sotta-tta-sh": f"{SOTTA_REPO} tta.sh (update_every_x 64, memory_size 64, weight_decay 0, lines 70-75; SoTTA: "
                     f"lr 0.001, bn_momentum 0.2, high_threshold 0.99 CIFAR-10 / 0.66 CIFAR-100 / 0.33 ImageNet, --esm, "
                     f"lines 171-195), utils/sam_optimizer.py (rho 0.05, line 43), utils/loss_functions.py (temperature 1)",
+    "mario-roid": f"{MARIO} classification/methods/roid.py (loss normalised by TEST.BATCH_SIZE, line 85) and conf.py "
+                  f"(ROID.USE_WEIGHTING, USE_PRIOR_CORRECTION, USE_CONSISTENCY True, MOMENTUM_SRC 0.99, MOMENTUM_PROBS 0.9, "
+                  f"TEMPERATURE 1/3, lines 265-270; OPTIM.MOMENTUM 0.9 line 134, NESTEROV True line 140); "
+                  f"cfgs/imagenet_c/roid.yaml (SGD, LR 0.00025, WD 0, lines 24-29; BATCH_SIZE 64) and "
+                  f"cfgs/cifar10_c/roid.yaml, cifar100_c/roid.yaml (Adam, LR 1e-3, WD 0, lines 26-31; BATCH_SIZE 200)",
     "eata_c-from-eata": "EATA-C has no public code: EATA's value for this benchmark, a decision of this toolkit "
                         "(docs/benchmarks/protocols.md)",
 }
@@ -186,6 +191,12 @@ def _imagenet() -> Protocol:
                       "capacity": Cited(64, "sotta-tta-sh"), "update_every": Cited(64, "sotta-tta-sh"),
                       "bn_momentum": Cited(0.2, "sotta-tta-sh"), "rho": Cited(0.05, "sotta-tta-sh"),
                       "temperature": Cited(1.0, "sotta-tta-sh")},
+            "roid": {"optimizer": Cited("sgd", "mario-roid"), "lr": Cited(2.5e-4, "mario-roid"),
+                     "momentum": Cited(0.9, "mario-roid"), "nesterov": Cited(True, "mario-roid"),
+                     "weight_decay": Cited(0.0, "mario-roid"), "steps": Cited(1, "mario-roid"),
+                     "use_weighting": Cited(True, "mario-roid"), "use_consistency": Cited(True, "mario-roid"),
+                     "use_prior_correction": Cited(True, "mario-roid"), "momentum_src": Cited(0.99, "mario-roid"),
+                     "momentum_probs": Cited(0.9, "mario-roid"), "temperature": Cited(1 / 3, "mario-roid")},
             "lame": {"affinity": Cited("rbf", "lame-defaults"), "knn": Cited(5, "lame-defaults"),
                      "force_symmetry": Cited(False, "lame-defaults"), "bound_lambda": Cited(1.0, "lame-defaults"),
                      "max_steps": Cited(100, "lame-defaults")},
@@ -234,6 +245,11 @@ def _cifar() -> Protocol:
                       "capacity": Cited(64, "sotta-tta-sh"), "update_every": Cited(64, "sotta-tta-sh"),
                       "bn_momentum": Cited(0.2, "sotta-tta-sh"), "rho": Cited(0.05, "sotta-tta-sh"),
                       "temperature": Cited(1.0, "sotta-tta-sh")},
+            "roid": {"optimizer": Cited("adam", "mario-roid"), "lr": Cited(1e-3, "mario-roid"),
+                     "weight_decay": Cited(0.0, "mario-roid"), "steps": Cited(1, "mario-roid"),
+                     "use_weighting": Cited(True, "mario-roid"), "use_consistency": Cited(True, "mario-roid"),
+                     "use_prior_correction": Cited(True, "mario-roid"), "momentum_src": Cited(0.99, "mario-roid"),
+                     "momentum_probs": Cited(0.9, "mario-roid"), "temperature": Cited(1 / 3, "mario-roid")},
             "lame": {"affinity": Cited("rbf", "mario-lame"), "knn": Cited(5, "mario-lame"),
                      "force_symmetry": Cited(False, "mario-lame"), "bound_lambda": Cited(1.0, "lame-defaults"),
                      "max_steps": Cited(100, "lame-defaults")},

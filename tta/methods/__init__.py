@@ -25,7 +25,7 @@ from .registry import METHODS, available, register
 from .views import ViewMethod
 
 # Importing the recipes registers them.
-from . import baselines, cotta, crowds, deyo, eata, eata_c, lame, rdumb, rotta, sar, sotta  # noqa: E402,F401  (batch family)
+from . import baselines, cotta, crowds, deyo, eata, eata_c, lame, rdumb, roid, rotta, sar, sotta  # noqa: E402,F401  (batch family)
 from . import adte, difftpt, tpt  # noqa: E402,F401  (view family, CLIP)
 
 
