@@ -10,6 +10,7 @@
 #      and on ViT-B/16 at batch 64: ours default (fp32 eager), ours fast (bf16 + channels_last for
 #      the CNN + compiled step) and the plain official-style loop; img/s, peak memory, the compile
 #      time of the fast step, and synchronising CUDA calls per step (torch.cuda sync debug mode);
+#   1b. rdumb, lame, roid, rotta, sotta and cotta next to tent on ResNet-50 (fp32 eager, no plain loop);
 #   2. the on-the-fly ImageNet-C stream end to end (JPEG decode + resize/crop + corruption + copy)
 #      with ResNet-50 EATA: the stream alone, default and fast;
 #   3. TPT and ADTE per image on CLIP ViT-B/16.
@@ -59,6 +60,10 @@ run methods_resnet50 230 python scripts/bench_methods.py --device cuda --model r
     --image-size 224 --iters 20 --warmup 3 --fast --methods $order
 run methods_vit_b16 150 python scripts/bench_methods.py --device cuda --model vit_base_patch16_224 --batch-size 64 \
     --image-size 224 --iters 20 --warmup 3 --fast --methods $order
+# 1b. the baselines beyond the seed methods next to Tent, ResNet-50, eager fp32 only (their steps
+#     stay eager around compiled networks; cotta last: 3 forwards, 35 when its gate opens)
+run methods_new_resnet50 120 python scripts/bench_methods.py --device cuda --model resnet50 --batch-size 64 \
+    --image-size 224 --iters 10 --warmup 2 --methods tent,rdumb,lame,roid,rotta,sotta,cotta
 # 2. the on-the-fly ImageNet-C stream end to end, ResNet-50 EATA (default and fast)
 run stream_resnet50_eata 50 python scripts/bench_stream_e2e.py --device cuda --model resnet50 --method eata \
     --batch-size 64 --batches 20 --warmup 3 --images 1472
