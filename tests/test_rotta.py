@@ -108,7 +108,6 @@ def digits_stream(n=4, bs=20):
     return list(x.split(bs))
 
 
-@pytest.mark.slow
 def test_rotta_matches_the_official_step():
     capacity, every, nu, lr = 16, 16, 0.2, 1e-2  # a large nu and lr: the teacher and the student visibly move
     clf = load_classifier("digits_cnn").double()

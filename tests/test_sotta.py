@@ -158,7 +158,6 @@ def digits_stream(n=4, bs=20):
     return list(x.split(bs))
 
 
-@pytest.mark.slow
 def test_sotta_matches_the_official_loop():
     capacity, every, threshold, lr = 12, 16, 0.6, 1e-2
     clf = load_classifier("digits_cnn").double()
