@@ -180,3 +180,5 @@ def test_impossible_memory_combinations_name_both_sides():
             methods.build(name, load_classifier("digits_cnn"), extra_policies=["rotta_memory"])
     with pytest.raises(ValueError, match="'rotta_memory' and 'rotta_memory'"):
         methods.build("tent", load_classifier("digits_cnn"), extra_policies=["rotta_memory", "rotta_memory"])
+    with pytest.raises(ValueError, match="steps=2"):
+        methods.build("tent", load_classifier("digits_cnn"), steps=2, extra_policies=["rotta_memory"])

@@ -38,6 +38,9 @@ def check_memory_policies(method: "BatchMethod") -> None:
         names = " and ".join(repr(p.name) for p in held)
         raise ValueError(f"method {method.name!r} can train from one sample memory; the policies {names} each "
                          f"hold one: keep one of them")
+    if held and method.steps > 1:  # each step would admit the batch again
+        raise ValueError(f"method {method.name!r} with the memory policy {held[0].name!r} takes one step per batch "
+                         f"(steps={method.steps}): a second step would admit the same samples twice")
     if held:
         method.counters.add("memory_admitted", 0)
         method.counters.add("memory_evicted", 0)
