@@ -149,3 +149,25 @@ def test_rotta_defaults_state_and_refusals():
     gn = methods.build("rotta", load_classifier("digits_gn"), batch_size=16)  # GroupNorm: its affine adapted
     gn(torch.rand(16, 3, 32, 32))
     assert gn.num_robust_bn == 0 and gn.param_names
+
+
+@pytest.mark.parametrize("name", ["rotta", "sotta"])
+def test_a_saved_state_resumes_the_memory_and_the_update_period(name):
+    """Batches of 40 with an update every 16 samples: a state saved mid-period, loaded into a fresh
+    method, continues exactly (memory, sample count, statistics, teacher)."""
+    import random
+
+    kwargs = dict(batch_size=40, update_every=16, capacity=16, **({"threshold": 0.0} if name == "sotta" else {}))
+    a = methods.build(name, load_classifier("digits_cnn"), **kwargs)
+    g = torch.Generator().manual_seed(0)
+    xs = [torch.rand(40, 3, 32, 32, generator=g) for _ in range(3)]
+    a(xs[0])
+    b = methods.build(name, load_classifier("digits_cnn"), **kwargs)
+    b.load_state_dict(copy.deepcopy(a.state_dict()))
+    for i, x in enumerate(xs[1:]):
+        torch.manual_seed(i), random.seed(i)
+        out_a = a(x)
+        torch.manual_seed(i), random.seed(i)
+        torch.testing.assert_close(b(x), out_a)
+    assert int(a.instances) == int(b.instances) == 120
+    assert a.stats()["counters"]["steps"] == 7  # 120 samples: updates after 16, 32, ..., 112

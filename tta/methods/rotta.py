@@ -72,7 +72,8 @@ class RoTTA(BatchMethod):
         self.num_robust_bn = use_robust_batchnorm(self.model.net, self.alpha)
         self.augment = TeacherAugmentation(padding_mode="edge", blur=True, noise_std=0.005)
         self.teacher = copy.deepcopy(self.model).requires_grad_(False)
-        self.register_buffer("instances", torch.zeros((), dtype=torch.long))
+        self.register_buffer("instances", torch.zeros((), dtype=torch.long))  # samples seen (saved with the state)
+        self._seen: int | None = 0  # its host copy (None: read the buffer once, after a load)
         self._initial_state = self._capture_state()  # with the robust BatchNorm statistics
 
     def default_lr(self, batch_size: int) -> float:
@@ -101,6 +102,7 @@ class RoTTA(BatchMethod):
     def reset_state(self) -> None:
         self.teacher.load_state_dict(self._initial_state["model"])
         self.instances.zero_()
+        self._seen = 0
 
     def teacher_parameters(self) -> list[torch.Tensor]:
         named = dict(self.teacher.net.named_parameters())
@@ -113,7 +115,8 @@ class RoTTA(BatchMethod):
         with torch.no_grad():
             logits = self.run_teacher(x)
         self.counters.add("forwards", 1)
-        policy, seen, start, admitted = self.memory_policy, int(self.instances), 0, []
+        seen = self._seen if self._seen is not None else int(self.instances)  # a host read only after a load
+        policy, start, admitted = self.memory_policy, 0, []
         while start < x.shape[0]:  # chunks between updates: every update_every-th sample of the stream
             end = min(x.shape[0], start + self.update_every - seen % self.update_every)
             mask, evicted = policy.admit(x[start:end], logits[start:end])
@@ -125,6 +128,7 @@ class RoTTA(BatchMethod):
                 self.update_model()
             start = end
         self.instances.fill_(seen)
+        self._seen = seen
         self.last_selection = {"rotta_memory_admitted": torch.cat(admitted)}
         return logits
 
@@ -146,6 +150,10 @@ class RoTTA(BatchMethod):
             weights = self.select(ctx)
             self.step(weighted_mean(soft_cross_entropy(student, target), weights), weights)
         ema_update_(self.teacher_parameters(), self.adapted_parameters(), 1.0 - self.nu)
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self._seen = None  # the loaded count is read at the next batch
 
     def hparams(self) -> dict[str, Any]:
         return {**super().hparams(), "nu": self.nu, "capacity": self.capacity, "update_every": self.update_every,

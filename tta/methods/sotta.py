@@ -80,7 +80,8 @@ class SoTTA(BatchMethod):
             if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
                 module.momentum = self.bn_momentum
         self.sam = SAMPerturbation(self.adapted_parameters(), rho=self.rho)
-        self.register_buffer("instances", torch.zeros((), dtype=torch.long))
+        self.register_buffer("instances", torch.zeros((), dtype=torch.long))  # samples seen (saved with the state)
+        self._seen: int | None = 0  # its host copy (None: read the buffer once, after a load)
         self._initial_state = self._capture_state()
 
     def default_lr(self, batch_size: int) -> float:
@@ -96,6 +97,7 @@ class SoTTA(BatchMethod):
 
     def reset_state(self) -> None:
         self.instances.zero_()
+        self._seen = 0
 
     def compile_step(self, mode: str | None = None) -> None:
         """The network is compiled; the step stays eager (the memory's host decisions)."""
@@ -103,7 +105,8 @@ class SoTTA(BatchMethod):
         self._compiled_adapt = self.adapt
 
     def adapt(self, x: torch.Tensor) -> torch.Tensor:
-        policy, seen, start = self.memory_policy, int(self.instances), 0
+        seen = self._seen if self._seen is not None else int(self.instances)  # a host read only after a load
+        policy, start = self.memory_policy, 0
         outputs, admitted = [], []
         while start < x.shape[0]:
             end = min(x.shape[0], start + self.update_every - seen % self.update_every)
@@ -121,6 +124,7 @@ class SoTTA(BatchMethod):
                 self.update_model()
             start = end
         self.instances.fill_(seen)
+        self._seen = seen
         self.last_selection = {"sotta_memory_admitted": torch.cat(admitted)}
         return torch.cat(outputs)
 
@@ -151,6 +155,10 @@ class SoTTA(BatchMethod):
         ok = self.update(None, ok & ((weights > 0).sum() > 0))
         self.counters.add("forwards", 2)
         self.record_step(ok, (weights > 0).sum(), backwards=2)
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self._seen = None  # the loaded count is read at the next batch
 
     def hparams(self) -> dict[str, Any]:
         return {**super().hparams(), "threshold": self.threshold, "capacity": self.capacity,
