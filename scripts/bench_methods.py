@@ -50,7 +50,8 @@ import tta.methods as methods
 from tta.methods.speed import is_cnn
 from tta.models import load_classifier
 
-METHODS = ("source", "norm", "tent", "eta", "eata", "sar", "deyo", "crowds", "eata_c")
+METHODS = ("source", "norm", "tent", "eta", "eata", "sar", "deyo", "crowds", "eata_c", "rdumb", "lame", "cotta", "rotta",
+           "sotta", "roid")
 NORM = (nn.BatchNorm2d, nn.LayerNorm, nn.GroupNorm)
 
 
@@ -564,6 +565,9 @@ def main() -> None:
         print("| " + " | ".join(row) + " |", flush=True)
     if "eata_c" in args.methods:
         print("\neata_c has no official code (experimental): no official-style column.")
+    if any(m in args.methods for m in ("rdumb", "lame", "cotta", "rotta", "sotta", "roid")):
+        print("\nrdumb, lame, cotta, rotta, sotta, roid: no official-style loop here yet (their fidelity tests hold "
+              "the official step); compare their img/s with tent's on the same model.")
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@
 #      time of the fast step, and synchronising CUDA calls per step (torch.cuda sync debug mode);
 #   1b. ours against the official-style loop on a digits-C stream at batch 1, 4, 16 and 64, with
 #      skip_empty="never" (the sync-free step) and "always" (a host read that skips empty batches);
+#   1c. rdumb, lame, roid, rotta, sotta and cotta next to tent on ResNet-50 (fp32 eager, no plain loop);
 #   2. the on-the-fly ImageNet-C stream end to end (JPEG decode + resize/crop + corruption + copy)
 #      with ResNet-50 EATA: the stream alone, default and fast;
 #   3. TPT and ADTE per image on CLIP ViT-B/16 (ours and official-style), then ZERO, C-TPT and TDA (ours).
@@ -68,6 +69,10 @@ for mode in never always; do
   run methods_digits_$mode 55 python scripts/bench_methods.py --device cuda --data digits-c --batch-sizes 1,4,16,64 \
       --repeats 2 --skip-empty $mode --methods tent,eta,eata,sar,deyo,crowds
 done
+# 1c. the baselines beyond the seed methods next to Tent, ResNet-50, eager fp32 only (their steps
+#     stay eager around compiled networks; cotta last: 3 forwards, 35 when its gate opens)
+run methods_new_resnet50 120 python scripts/bench_methods.py --device cuda --model resnet50 --batch-size 64 \
+    --image-size 224 --iters 10 --warmup 2 --methods tent,rdumb,lame,roid,rotta,sotta,cotta
 # 2. the on-the-fly ImageNet-C stream end to end, ResNet-50 EATA (default and fast)
 run stream_resnet50_eata 50 python scripts/bench_stream_e2e.py --device cuda --model resnet50 --method eata \
     --batch-size 64 --batches 20 --warmup 3 --images 1472

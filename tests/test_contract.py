@@ -24,7 +24,8 @@ from tta.policies import EntropyMargin, Policy
 from tta.provide import RunParts, provide_inputs
 
 REPO = Path(__file__).resolve().parents[1]
-BATCH = ["source", "norm", "tent", "eta", "eata", "sar", "deyo", "crowds", "eata_c"]
+BATCH = ["source", "norm", "tent", "eta", "eata", "sar", "deyo", "crowds", "eata_c", "rdumb", "lame", "cotta", "rotta", "sotta",
+         "roid"]
 VIEWS = ["tpt", "difftpt", "adte", "zero", "tda", "ctpt"]
 
 

@@ -85,6 +85,11 @@ DEYO_REPO = "Jhyun17/DeYO@3d7d289"
 UNIENT = "gaozhengqing/UniEnt@af7faa8"
 TDA_REPO = "kdiAAA/TDA@e697fb0"
 CTPT_REPO = "hee-suk-yoon/C-TPT@085e6c2"
+CCC = "oripress/CCC@656dec3"
+LAME_REPO = "fiveai/LAME@d2e5f63"
+COTTA_REPO = "qinenergy/cotta@c212a20"
+ROTTA_REPO = "BIT-DA/RoTTA@67e34c9"
+SOTTA_REPO = "taeckyung/SoTTA@50b3333"
 
 SOURCES: dict[str, str] = {
     "eata-main": f"{EATA_REPO} main.py (--batch_size 64, SGD 0.00025 momentum 0.9, --e_margin 0.4 ln 1000, "
@@ -122,6 +127,36 @@ SOURCES: dict[str, str] = {
                f"--I_augmix, so augmix = len(set_id) > 1: off for I, tpt_classification.py:270-271)",
     "ctpt-ds": f"{CTPT_REPO} test_tpt_ctpt_ds.sh (the natural shifts A/R/K/V: lambda_term 20, --I_augmix, so "
                f"augmix = len(set_id) >= 1: on, tpt_classification.py:266-268)",
+    "ccc-rdumb": f"{CCC} models/rdumb.py (SGD 0.00025 momentum 0.9 line 38, e_margin 0.4 ln 1000 line 25, "
+                 f"d_margin 0.05 lines 26-28, reset every 1000 batches line 50) and eval.py (batch_size 64 line 33)",
+    "mario-rdumb": f"{MARIO} classification/cfgs/cifar10_c/rdumb.yaml and cifar100_c/rdumb.yaml "
+                   f"(RESET_AFTER_NUM_UPDATES 1000 line 3, EATA.D_MARGIN 0.4 line 35, FISHER_ALPHA 0)",
+    "lame-defaults": f"{LAME_REPO} src/config/defaults.py lines 65-68 (LAME_KNN 5, LAME_AFFINITY 'rbf', "
+                     f"LAME_FORCE_SYMMETRY False; configs/method/best/LAME keeps them) and src/adaptation/lame.py "
+                     f"line 125 (bound_lambda 1, max_steps 100)",
+    "mario-lame": f"{MARIO} classification/conf.py lines 212-215 (LAME.AFFINITY rbf, KNN 5, FORCE_SYMMETRY False); "
+                  f"cfgs/cifar10_c/lame.yaml, cifar100_c/lame.yaml (TEST.BATCH_SIZE 200)",
+    "cotta-imagenet": f"{COTTA_REPO} imagenet/cfgs/10orders/cotta/cotta0-9.yaml (SGD, LR 0.01, WD 0, STEPS 1, "
+                      f"BATCH_SIZE 64; lines 24-31), imagenet/imagenetc.py lines 117-123 (momentum 0.9, nesterov), "
+                      f"imagenet/cotta.py (32 augmented passes only when the anchor's mean confidence < 0.1, lines "
+                      f"100-106; symmetric loss, lines 114 and 131-134; EMA 0.999, line 119; restore 0.001, line 125)",
+    "cotta-cifar": f"{COTTA_REPO} cifar/cfgs/cifar10/cotta.yaml and cifar100/cotta.yaml lines 26-34 (Adam, LR 1e-3, "
+                   f"WD 0, STEPS 1, MT 0.999, RST 0.01, AP 0.92 / 0.72; BATCH_SIZE 200 line 5), cifar/cotta.py "
+                   f"(32 augmented passes always, lines 101-110; one-sided loss, lines 112 and 129-132)",
+    "rotta-cifar": f"{ROTTA_REPO} configs/adapter/rotta.yaml (Adam line 5, LR 1e-3 line 8, WD 0 line 9, NU 0.001, "
+                   f"MEMORY_SIZE 64, UPDATE_FREQUENCY 64, LAMBDA_T 1, LAMBDA_U 1, ALPHA 0.05 lines 17-22; its batch 64, "
+                   f"line 2) and core/configs/defaults.py lines 95-101",
+    "mario-rotta": f"{MARIO} classification/cfgs/imagenet_c/rotta.yaml (Adam, LR 0.001, WD 0, BATCH_SIZE 64) and "
+                   f"conf.py lines 249-254 (ROTTA.MEMORY_SIZE 64, UPDATE_FREQUENCY 64, NU 0.001, ALPHA 0.05, LAMBDA_T/U 1): "
+                   f"RoTTA's own code has no ImageNet run",
+    "sotta-tta-sh": f"{SOTTA_REPO} tta.sh (update_every_x 64, memory_size 64, weight_decay 0, lines 70-75; SoTTA: "
+                    f"lr 0.001, bn_momentum 0.2, high_threshold 0.99 CIFAR-10 / 0.66 CIFAR-100 / 0.33 ImageNet, --esm, "
+                    f"lines 171-195), utils/sam_optimizer.py (rho 0.05, line 43), utils/loss_functions.py (temperature 1)",
+    "mario-roid": f"{MARIO} classification/methods/roid.py (loss normalised by TEST.BATCH_SIZE, line 85) and conf.py "
+                  f"(ROID.USE_WEIGHTING, USE_PRIOR_CORRECTION, USE_CONSISTENCY True, MOMENTUM_SRC 0.99, MOMENTUM_PROBS 0.9, "
+                  f"TEMPERATURE 1/3, lines 265-270; OPTIM.MOMENTUM 0.9 line 134, NESTEROV True line 140); "
+                  f"cfgs/imagenet_c/roid.yaml (SGD, LR 0.00025, WD 0, lines 24-29; BATCH_SIZE 64) and "
+                  f"cfgs/cifar10_c/roid.yaml, cifar100_c/roid.yaml (Adam, LR 1e-3, WD 0, lines 26-31; BATCH_SIZE 200)",
     "eata_c-from-eata": "EATA-C has no public code: EATA's value for this benchmark, a decision of this toolkit "
                         "(docs/benchmarks/protocols.md)",
 }
@@ -156,6 +191,34 @@ def _imagenet() -> Protocol:
                     "reset_constant": Cited(0.2, "sar-main")},
             "deyo": {**sgd_rule("deyo-main"), "deyo_margin": Cited(0.5, "deyo-main"),
                      "margin_e0": Cited(0.4, "deyo-main"), "plpd_threshold": Cited(0.2, "deyo-main")},
+            "rdumb": {"optimizer": Cited("sgd", "ccc-rdumb"), "lr": Cited(2.5e-4, "ccc-rdumb"),
+                      "momentum": Cited(0.9, "ccc-rdumb"), "weight_decay": Cited(0.0, "ccc-rdumb"),
+                      "steps": Cited(1, "ccc-rdumb"), "e_margin": Cited(0.4, "ccc-rdumb"),
+                      "d_margin": Cited(0.05, "ccc-rdumb", tuned_for=1000), "reset_every": Cited(1000, "ccc-rdumb")},
+            "cotta": {"optimizer": Cited("sgd", "cotta-imagenet"), "lr": Cited(0.01, "cotta-imagenet"),
+                      "momentum": Cited(0.9, "cotta-imagenet"), "nesterov": Cited(True, "cotta-imagenet"),
+                      "weight_decay": Cited(0.0, "cotta-imagenet"), "steps": Cited(1, "cotta-imagenet"),
+                      "mt": Cited(0.999, "cotta-imagenet"), "rst": Cited(0.001, "cotta-imagenet"),
+                      "ap": Cited(0.1, "cotta-imagenet"), "num_augs": Cited(32, "cotta-imagenet"),
+                      "loss": Cited("symmetric", "cotta-imagenet"), "augment_always": Cited(False, "cotta-imagenet")},
+            "rotta": {"optimizer": Cited("adam", "mario-rotta"), "lr": Cited(1e-3, "mario-rotta"),
+                      "weight_decay": Cited(0.0, "mario-rotta"), "steps": Cited(1, "mario-rotta"), "nu": Cited(0.001, "mario-rotta"),
+                      "capacity": Cited(64, "mario-rotta"), "update_every": Cited(64, "mario-rotta"), "lambda_t": Cited(1.0, "mario-rotta"),
+                      "lambda_u": Cited(1.0, "mario-rotta"), "alpha": Cited(0.05, "mario-rotta")},
+            "sotta": {"optimizer": Cited("adam", "sotta-tta-sh"), "lr": Cited(1e-3, "sotta-tta-sh"),
+                      "weight_decay": Cited(0.0, "sotta-tta-sh"), "threshold": Cited(0.33, "sotta-tta-sh"),
+                      "capacity": Cited(64, "sotta-tta-sh"), "update_every": Cited(64, "sotta-tta-sh"),
+                      "bn_momentum": Cited(0.2, "sotta-tta-sh"), "rho": Cited(0.05, "sotta-tta-sh"),
+                      "temperature": Cited(1.0, "sotta-tta-sh")},
+            "roid": {"optimizer": Cited("sgd", "mario-roid"), "lr": Cited(2.5e-4, "mario-roid"),
+                     "momentum": Cited(0.9, "mario-roid"), "nesterov": Cited(True, "mario-roid"),
+                     "weight_decay": Cited(0.0, "mario-roid"), "steps": Cited(1, "mario-roid"),
+                     "use_weighting": Cited(True, "mario-roid"), "use_consistency": Cited(True, "mario-roid"),
+                     "use_prior_correction": Cited(True, "mario-roid"), "momentum_src": Cited(0.99, "mario-roid"),
+                     "momentum_probs": Cited(0.9, "mario-roid"), "temperature": Cited(1 / 3, "mario-roid")},
+            "lame": {"affinity": Cited("rbf", "lame-defaults"), "knn": Cited(5, "lame-defaults"),
+                     "force_symmetry": Cited(False, "lame-defaults"), "bound_lambda": Cited(1.0, "lame-defaults"),
+                     "max_steps": Cited(100, "lame-defaults")},
             "crowds": {"optimizer": Cited("sgd", "unient-imagenet"), "lr": Cited(1e-3, "unient-imagenet"),
                        "momentum": Cited(0.9, "unient-imagenet"), "alpha": Cited(0.5, "unient-imagenet")},
             "tda": {"num_views": Cited(1, "tda-imagenet"), "augmix": Cited(False, "tda-imagenet"),
@@ -190,6 +253,29 @@ def _cifar() -> Protocol:
                     "rho": Cited(0.05, "mario-sar"), "reset_constant": Cited(0.2, "mario-conf")},
             "deyo": {**adam("mario-cifar"), "deyo_margin": Cited(0.5, "mario-conf"),
                      "margin_e0": Cited(0.4, "mario-conf"), "plpd_threshold": Cited(0.2, "mario-conf")},
+            "rdumb": {**adam("mario-cifar"), "e_margin": Cited(0.4, "mario-conf"),
+                      "d_margin": ByClasses({10: 0.4, 100: 0.4}, "mario-rdumb"),
+                      "reset_every": Cited(1000, "mario-rdumb")},
+            "cotta": {**adam("cotta-cifar"), "mt": Cited(0.999, "cotta-cifar"), "rst": Cited(0.01, "cotta-cifar"),
+                      "ap": ByClasses({10: 0.92, 100: 0.72}, "cotta-cifar"), "num_augs": Cited(32, "cotta-cifar"),
+                      "loss": Cited("one_sided", "cotta-cifar"), "augment_always": Cited(True, "cotta-cifar")},
+            "rotta": {"optimizer": Cited("adam", "rotta-cifar"), "lr": Cited(1e-3, "rotta-cifar"),
+                      "weight_decay": Cited(0.0, "rotta-cifar"), "steps": Cited(1, "rotta-cifar"), "nu": Cited(0.001, "rotta-cifar"),
+                      "capacity": Cited(64, "rotta-cifar"), "update_every": Cited(64, "rotta-cifar"), "lambda_t": Cited(1.0, "rotta-cifar"),
+                      "lambda_u": Cited(1.0, "rotta-cifar"), "alpha": Cited(0.05, "rotta-cifar")},
+            "sotta": {"optimizer": Cited("adam", "sotta-tta-sh"), "lr": Cited(1e-3, "sotta-tta-sh"),
+                      "weight_decay": Cited(0.0, "sotta-tta-sh"), "threshold": ByClasses({10: 0.99, 100: 0.66}, "sotta-tta-sh"),
+                      "capacity": Cited(64, "sotta-tta-sh"), "update_every": Cited(64, "sotta-tta-sh"),
+                      "bn_momentum": Cited(0.2, "sotta-tta-sh"), "rho": Cited(0.05, "sotta-tta-sh"),
+                      "temperature": Cited(1.0, "sotta-tta-sh")},
+            "roid": {"optimizer": Cited("adam", "mario-roid"), "lr": Cited(1e-3, "mario-roid"),
+                     "weight_decay": Cited(0.0, "mario-roid"), "steps": Cited(1, "mario-roid"),
+                     "use_weighting": Cited(True, "mario-roid"), "use_consistency": Cited(True, "mario-roid"),
+                     "use_prior_correction": Cited(True, "mario-roid"), "momentum_src": Cited(0.99, "mario-roid"),
+                     "momentum_probs": Cited(0.9, "mario-roid"), "temperature": Cited(1 / 3, "mario-roid")},
+            "lame": {"affinity": Cited("rbf", "mario-lame"), "knn": Cited(5, "mario-lame"),
+                     "force_symmetry": Cited(False, "mario-lame"), "bound_lambda": Cited(1.0, "lame-defaults"),
+                     "max_steps": Cited(100, "lame-defaults")},
             "crowds": {"optimizer": Cited("adam", "unient-cifar"), "lr": Cited(1e-3, "unient-cifar"),
                        "alpha": Cited(0.5, "unient-cifar")},
         },

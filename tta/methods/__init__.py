@@ -25,7 +25,7 @@ from .registry import METHODS, available, register
 from .views import ViewMethod
 
 # Importing the recipes registers them.
-from . import baselines, crowds, deyo, eata, eata_c, sar  # noqa: E402,F401  (batch family)
+from . import baselines, cotta, crowds, deyo, eata, eata_c, lame, rdumb, roid, rotta, sar, sotta  # noqa: E402,F401  (batch family)
 from . import adte, ctpt, difftpt, tda, tpt, zero  # noqa: E402,F401  (view family, CLIP)
 
 

@@ -25,6 +25,7 @@ from ..models.params import has_batchnorm
 from ..objectives import weighted_mean
 from ..policies import BatchContext
 from .core import Method, check_skip_empty
+from .memory_step import adapt_from_memory, check_memory_policies, memory_policies
 from .speed import compile_fn, compile_network
 
 
@@ -44,7 +45,7 @@ class BatchMethod(Method):
     """
 
     policy_level: ClassVar[str] = "samples"
-    provides: ClassVar[frozenset[str]] = frozenset({"source", "model"})
+    provides: ClassVar[frozenset[str]] = frozenset({"source", "model", "memory"})
 
     def __init__(self, model, *, skip_empty: str = "auto", **kwargs: Any):
         super().__init__(model, **kwargs)
@@ -55,6 +56,7 @@ class BatchMethod(Method):
         self._frozen: list[nn.Module] = []  # a list: not a submodule (not in state_dict or parameters())
         if any("source" in p.needs for p in self.policies):
             self._frozen = [copy.deepcopy(self.model).requires_grad_(False)]
+        check_memory_policies(self)  # a memory policy: the step learns from its memory (tta.methods.memory_step)
 
     @property
     def frozen_source(self) -> nn.Module | None:
@@ -83,6 +85,7 @@ class BatchMethod(Method):
                                   "are degenerate (it still runs)")
         if self.episodic:
             self.reset()
+        self.periodic_reset()  # reset_every (tta.methods.periodic)
         self.count_batch(x)
         if self.speed.channels_last:  # the layout the compiled graphs were made for (a no-op when it is already)
             x = x.contiguous(memory_format=torch.channels_last)
@@ -145,6 +148,8 @@ class BatchMethod(Method):
                 logits = self.run_model(x)
             self.counters.add("forwards", 1)
             return logits
+        if memory_policies(self):  # learn from a sample memory (tta.methods.memory_step)
+            return adapt_from_memory(self, x)
         logits = self.run_model(x)
         self.counters.add("forwards", 1)
         ctx = self.context(x, logits)

@@ -39,6 +39,7 @@ from ..policies import POLICIES, BatchContext, Policy, build as build_policy, ch
 from .checks import INPUT_TOLERANCE, check_batch, parse_input_range, plain_state
 from .inputs import RunInput
 from .lr_rule import model_family, niu_learning_rate
+from .periodic import ResetClock
 from .speed import SpeedOptions, resolve as resolve_speed
 from .registry import METHODS
 
@@ -121,6 +122,9 @@ def _locked_reset(reset: Callable[..., Any]) -> Callable[..., Any]:
             guard = self._modules.get("collapse_guard")
             if guard is not None:
                 guard.clear()
+            clock = self._modules.get("reset_clock")  # reset_every (tta.methods.periodic): a new period
+            if clock is not None:
+                clock.restart()
             return out
 
     locked.__tta_locked__ = True  # type: ignore[attr-defined]
@@ -143,6 +147,9 @@ class Method(nn.Module):
         momentum, weight_decay: optimizer settings.
         steps: optimisation steps per batch (per image for the view family).
         episodic: reset to the source state before every batch.
+        reset_every: a full reset (:meth:`full_reset`: weights, optimizer state and every moving
+            average) before every ``reset_every``-th batch, as RDumb (:mod:`tta.methods.periodic`);
+            0: never.
         extra_policies: policy names (or built policies) applied after the method's own. A policy
             built by name takes its class's ``extra_defaults`` (``plpd``: a pure filter), then
             ``policy_kwargs[name]``.
@@ -196,7 +203,7 @@ class Method(nn.Module):
                  batch_size: int = 64, momentum: float = 0.9, weight_decay: float = 0.0, steps: int = 1,
                  episodic: bool = False, extra_policies: Sequence[str | Policy] = (),
                  policy_kwargs: Mapping[str, Mapping[str, Any]] | None = None, nonfinite: str = "raise",
-                 input_range: tuple[float, float] | None = (0.0, 1.0)):
+                 input_range: tuple[float, float] | None = (0.0, 1.0), reset_every: int = 0):
         super().__init__()
         self.input_range = parse_input_range(input_range)
         if nonfinite not in NONFINITE_MODES:
@@ -226,6 +233,12 @@ class Method(nn.Module):
         names = ["batches", "samples", "forwards", "backwards", "steps", "kept", "skipped_empty", "skipped_nonfinite"]
         self.counters = Counters(names)
         self.policy_counters = Counters()
+        if int(reset_every) < 0:
+            raise ValueError(f"reset_every must be 0 (never) or a number of batches, got {reset_every}")
+        self.reset_every = int(reset_every)
+        if self.reset_every:  # a submodule only when used: other methods' states keep their keys
+            self.reset_clock = ResetClock(self.reset_every)
+            self.counters.add("periodic_resets", 0)
         self._initial_state = self._capture_state()
         if type(self).__init__ is Method.__init__:
             self._assemble_policies()
@@ -302,7 +315,7 @@ class Method(nn.Module):
     _skip_now: bool = False
     #: the guarded step reads its decision on the host (a free read: the CPU; set by :meth:`plan_skip`)
     _host_guard: bool = False
-    #: the read (a compiled step replaces it by an eager boundary: a clean graph break, no trace)
+    #: the read (an eager boundary, :mod:`tta.compiling`: a clean graph break in a compiled step, no trace)
     _read_empty: Callable[[torch.Tensor], bool] = staticmethod(nothing_selected)
 
     def plan_skip(self, device: torch.device) -> None:
@@ -362,6 +375,27 @@ class Method(nn.Module):
         else:
             self.record_step(ok, (weights > 0).sum(), backwards=backwards)
         return ok
+    # ------------------------------------------------------------------ periodic reset (reset_every)
+    def full_reset(self) -> None:
+        """Back to the source state including every moving average: :meth:`reset`, then each
+        policy's :meth:`~tta.policies.Policy.clear` (state the paper's own reset keeps, e.g. EATA's
+        running mean prediction)."""
+        with self.lock:
+            self.reset()
+            for policy in self.policies:
+                policy.clear()
+
+    def periodic_reset(self) -> None:
+        """Called by the families before each batch: a :meth:`full_reset` when ``reset_every``
+        batches have passed since the last reset (counted on the host: no sync), counted in
+        ``periodic_resets``."""
+        clock = self._modules.get("reset_clock")
+        if clock is None:
+            return
+        if clock.due:
+            self.full_reset()
+            self.counters.add("periodic_resets", 1)
+        clock.advance()
 
     # ------------------------------------------------------------------ the step
     def select(self, ctx: BatchContext) -> torch.Tensor:
@@ -665,15 +699,21 @@ class Method(nn.Module):
         return {}
 
     def stats(self) -> dict[str, Any]:
-        """Counters and per-policy seen/kept counts (one host sync)."""
-        return {"counters": self.counters.as_dict(), "policies": self.policy_counters.as_dict()}
+        """Counters, forwards and backwards per batch (the cost of the method, comparable across
+        methods), and per-policy seen/kept counts (one host sync)."""
+        counters = self.counters.as_dict()
+        batches = counters.get("batches", 0)
+        per_batch = {k: round(counters[k] / batches, 4) for k in ("forwards", "backwards") if batches and k in counters}
+        return {"counters": counters, "per_batch": per_batch, "policies": self.policy_counters.as_dict()}
 
     def hparams(self) -> dict[str, Any]:
         """The resolved hyperparameters, for the run record."""
         out = {"method": self.name, "paper": self.paper, "params": self.params_preset,
                "num_adapted_tensors": len(self.param_names),
                "num_adapted_values": int(sum(p.numel() for p in self.adapted_parameters())),
-               "steps": self.steps, "episodic": self.episodic, "nonfinite": self.nonfinite,
+               "model_copies": len(self.networks()),  # networks held (adapted, frozen source, teacher, ...)
+               "steps": self.steps, "episodic": self.episodic, "reset_every": self.reset_every,
+               "nonfinite": self.nonfinite,
                "policies": [{"name": p.name, **p.hparams()} for p in self.policies]}
         if self._modules.get("collapse_guard") is not None:  # tta.guard, off unless attached
             out["guard"] = self.collapse_guard.hparams()

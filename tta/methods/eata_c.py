@@ -71,6 +71,8 @@ class EATAC(EATA):
     """
 
     paper = "Tan et al., arXiv 2403.11491 / TPAMI 2025 (no official code) -- EXPERIMENTAL, not parity-checked"
+    #: its own step (not the family's default): no sample memory to train from (tta.methods.memory_step)
+    provides = frozenset({"source", "model"})
 
     def __init__(self, model, *, subnet_dropout: float = 0.1, divergence_weight: float = 1.0,
                  minmax_weight: float = 1.0, **kwargs: Any):

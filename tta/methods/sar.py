@@ -66,6 +66,8 @@ class SAR(BatchMethod):
     """
 
     paper = "Niu et al., ICLR 2023 (mr-eggplant/SAR)"
+    #: its own step (not the family's default): no sample memory to train from (tta.methods.memory_step)
+    provides = frozenset({"source", "model"})
     default_params = "sar"
     double_lr_at_bs1 = True
 

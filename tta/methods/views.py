@@ -126,6 +126,7 @@ class ViewMethod(Method):
         """Check and count the batch; the sample ids that seed each image's views (the stream's, or
         running numbers)."""
         self.check_input(x)
+        self.periodic_reset()  # reset_every (tta.methods.periodic)
         n = x.shape[0]
         if ids is None:
             ids = list(range(self.images_seen, self.images_seen + n))

@@ -26,10 +26,15 @@ from .difftpt_confidence import CandidateConfidence  # noqa: E402
 from .view_ranking import ViewSelection  # noqa: E402
 from .tpt_confidence import TPTConfidence  # noqa: E402
 from .tsallis import TsallisRanking  # noqa: E402
+from .memory import MemoryPolicy, SampleMemory  # noqa: E402
+from .rotta_memory import RoTTAMemory  # noqa: E402
+from .sotta_memory import SoTTAMemory  # noqa: E402
+from .roid_weight import ROIDWeight  # noqa: E402
 from .label_bias import DEFAULT_DOMAIN, LabelBias, load_bias_file, minmax_q_index, power_iteration  # noqa: E402
 
 __all__ = ["DEFAULT_DOMAIN", "LEVELS", "PLPD", "POLICIES", "SIGNALS", "BatchContext", "CandidateConfidence",
-           "Confidence", "CosineFilter", "Crowds", "EATAWeight", "EntropyMargin", "LabelBias", "Policy", "Redundancy",
+           "Confidence", "CosineFilter", "Crowds", "EATAWeight", "EntropyMargin", "LabelBias", "MemoryPolicy", "Policy", "ROIDWeight", "Redundancy", "RoTTAMemory",
+           "SampleMemory", "SoTTAMemory",
            "TPTConfidence", "TsallisRanking", "ViewSelection", "available", "build", "check_compatible",
            "entropy_threshold", "load_bias_file", "minmax_q_index", "occlude", "occlusion_window", "patch_shuffle",
            "pixel_shuffle", "power_iteration", "register"]

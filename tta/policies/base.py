@@ -31,6 +31,7 @@ SIGNALS: dict[str, str] = {
     "source": "the frozen source model (its logits on each batch)",
     "model": "to re-forward a transformed batch through the adapted model",
     "embeddings": "image embeddings of the views",
+    "memory": "a sample memory to train from (the batch family's default step)",
 }
 
 
@@ -127,6 +128,11 @@ class Policy(nn.Module):
 
     def reset(self) -> None:
         """Clear per-stream state that the original code clears on reset (default: nothing)."""
+
+    def clear(self) -> None:
+        """Clear *all* per-stream state, also what the original code keeps across its reset (a full
+        reset, ``reset_every``; default: :meth:`reset`)."""
+        self.reset()
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v}" for k, v in self.hparams().items())

@@ -1,0 +1,76 @@
+"""The batch family's step when a memory policy is present: predict the batch, admit from it, learn
+from the memory (:mod:`tta.policies.memory`).
+
+With ``policies.extra=[rotta_memory]`` (or any :class:`~tta.policies.memory.MemoryPolicy`), a batch
+method's default step becomes:
+
+1. predict the batch (no gradient; BatchNorm as the method configures it) -- the returned logits;
+2. the memory policy admits samples of the batch (and evicts others), from those logits;
+3. forward the memory's contents (class-major order) with gradient; the method's policies weight
+   them (the memory policy's own weight, e.g. RoTTA's timeliness, is one of them); the method's
+   objective on them; one guarded step.
+
+Costs: 2 forwards (1 + the memory) and 1 backward per batch, and the host reads of the memory
+policy (one per batch). Selection diagnostics: the stage ``<policy>_admitted`` is the mask of the
+batch's samples that entered the memory, so its precision is that of the pseudo-labels admitted;
+``counters.memory_admitted`` / ``memory_evicted`` count them. An empty memory skips the step
+(``skipped_empty``). The update runs once per batch, after the whole batch is admitted (RoTTA's own
+recipe updates every 64 admitted samples).
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .batch import BatchMethod
+
+
+def memory_policies(method: "BatchMethod") -> list:
+    return [p for p in method.policies if getattr(p, "holds_memory", False)]
+
+
+def check_memory_policies(method: "BatchMethod") -> None:
+    """At most one memory per method: two memory policies would each want the update's samples."""
+    held = memory_policies(method)
+    if len(held) > 1:
+        names = " and ".join(repr(p.name) for p in held)
+        raise ValueError(f"method {method.name!r} can train from one sample memory; the policies {names} each "
+                         f"hold one: keep one of them")
+    if held and method.steps > 1:  # each step would admit the batch again
+        raise ValueError(f"method {method.name!r} with the memory policy {held[0].name!r} takes one step per batch "
+                         f"(steps={method.steps}): a second step would admit the same samples twice")
+    if held:
+        method.counters.add("memory_admitted", 0)
+        method.counters.add("memory_evicted", 0)
+
+
+def adapt_from_memory(method: "BatchMethod", x: torch.Tensor) -> torch.Tensor:
+    """One step of ``method`` learning from its memory policy's memory (see the module docstring)."""
+    policy = memory_policies(method)[0]
+    key = method.policy_keys[list(method.policies).index(policy)]
+    with torch.no_grad():
+        logits = method.run_model(x)
+    method.counters.add("forwards", 1)
+    admitted, evicted = policy.admit(x, logits)
+    method.counters.add("memory_admitted", admitted.sum())
+    method.counters.add("memory_evicted", evicted)
+    slots = policy.training_slots()
+    if slots.numel() == 0:
+        method.last_selection = {f"{key}_admitted": admitted}
+        method.counters.add("skipped_empty", 1)
+        return logits
+    memory = policy.memory
+    images = memory.images.index_select(0, slots)
+    memory_logits = method.run_model(images)
+    method.counters.add("forwards", 1)
+    ctx = method.context(images, memory_logits)
+    ctx.extras.update(slots=slots, ages=memory.ages.index_select(0, slots), labels=memory.labels.index_select(0, slots))
+    weights = method.select(ctx)
+    method.step(method.objective(ctx, weights), weights)
+    method.last_selection = {f"{key}_admitted": admitted}  # over the batch, for the engine's diagnostics
+    return logits
+
+
+__all__ = ["adapt_from_memory", "check_memory_policies", "memory_policies"]

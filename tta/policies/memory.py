@@ -1,0 +1,141 @@
+"""The sample memory: what a memory policy admits from the stream and a method trains from.
+
+Some selection rules do not weight the samples of the current batch but decide which samples enter
+a **memory** of fixed capacity, and the method then learns from the memory (RoTTA's
+category-balanced memory with timeliness and uncertainty, SoTTA's high-confidence class-balanced
+memory). The memory is written once, here; *which* samples enter and which leave is the policy's
+(:class:`MemoryPolicy`, e.g. ``rotta_memory``).
+
+**What a sample carries**: its image (as the method saw it, in [0, 1]), its pseudo-label (the class
+it was admitted under), its age (samples admitted since it was), its score (the admission policy's
+number, e.g. RoTTA's uncertainty) and its insertion number (the order within a class).
+
+**Where it lives**: device buffers, in the policy's state (``state_dict()``), so a saved method
+resumes with its memory. The images buffer is sized by the first admitted batch. Admission and
+eviction rules of the reference code are sequential decisions over single samples (each one
+depends on the memory as the previous sample left it), so a memory policy reads the batch's
+pseudo-labels and scores and the memory's bookkeeping on the host **once per batch** (one sync), makes
+the decisions in Python, and writes the images and the bookkeeping back in one copy each.
+"""
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+
+from .base import BatchContext, Policy
+
+
+class SampleMemory(torch.nn.Module):
+    """A fixed number of slots; each holds an image, a pseudo-label, an age, a score and its insertion number.
+
+    Args:
+        capacity: the number of slots.
+    """
+
+    def __init__(self, capacity: int):
+        super().__init__()
+        if int(capacity) < 1:
+            raise ValueError(f"memory capacity must be at least 1, got {capacity}")
+        self.capacity = int(capacity)
+        self.register_buffer("images", torch.zeros(0))
+        self.register_buffer("occupied", torch.zeros(self.capacity, dtype=torch.bool))
+        self.register_buffer("labels", torch.zeros(self.capacity, dtype=torch.long))
+        self.register_buffer("ages", torch.zeros(self.capacity, dtype=torch.long))
+        self.register_buffer("scores", torch.zeros(self.capacity, dtype=torch.float64))
+        self.register_buffer("order", torch.zeros(self.capacity, dtype=torch.long))
+        self.register_buffer("inserted", torch.zeros((), dtype=torch.long))
+
+    def clear(self) -> None:
+        for name in ("occupied", "labels", "ages", "scores", "order", "inserted"):
+            getattr(self, name).zero_()
+
+    # ------------------------------------------------------------------ host view (one sync)
+    def fits(self, x: torch.Tensor) -> bool:
+        """Whether images like ``x`` can join the stored ones (same size and dtype)."""
+        return self.images.dim() == x.dim() and self.images.shape[1:] == x.shape[1:] and self.images.dtype == x.dtype
+
+    def host_view(self, x: torch.Tensor | None = None) -> dict[str, list]:
+        """The bookkeeping as Python lists (one host read). Given a batch ``x`` of another image size
+        or dtype than the stored images, the memory is emptied first: samples of different sizes
+        cannot be trained on together (a stream whose image size changes starts a new memory)."""
+        if x is not None and not self.fits(x):
+            self.clear()
+        return {"occupied": self.occupied.tolist(), "labels": self.labels.tolist(), "ages": self.ages.tolist(),
+                "scores": self.scores.tolist(), "order": self.order.tolist(), "inserted": int(self.inserted)}
+
+    def write(self, view: dict[str, list], x: torch.Tensor, placed: dict[int, int]) -> None:
+        """Write back the bookkeeping of ``view`` and the images ``x[i]`` into slot ``placed[i]``."""
+        device = self.occupied.device
+        if self.images.dim() != x.dim() or self.images.shape[1:] != x.shape[1:] or self.images.dtype != x.dtype:
+            # first batch, or images of another size or dtype than those stored: a new memory buffer
+            # (the caller's decisions were made on an emptied view, see MemoryPolicy.fits)
+            self.images = torch.zeros(self.capacity, *x.shape[1:], dtype=x.dtype, device=x.device)
+        if placed:
+            slots = torch.tensor(list(placed.values()), dtype=torch.long, device=x.device)
+            rows = torch.tensor(list(placed.keys()), dtype=torch.long, device=x.device)
+            self.images.index_copy_(0, slots, x.detach().index_select(0, rows))
+        self.occupied.copy_(torch.tensor(view["occupied"], dtype=torch.bool), non_blocking=True)
+        self.labels.copy_(torch.tensor(view["labels"], dtype=torch.long), non_blocking=True)
+        self.ages.copy_(torch.tensor(view["ages"], dtype=torch.long), non_blocking=True)
+        self.scores.copy_(torch.tensor(view["scores"], dtype=torch.float64), non_blocking=True)
+        self.order.copy_(torch.tensor(view["order"], dtype=torch.long), non_blocking=True)
+        self.inserted.fill_(view["inserted"])
+        del device
+
+    # ------------------------------------------------------------------ what a method trains from
+    def contents(self, view: dict[str, list] | None = None) -> torch.Tensor:
+        """Occupied slot indices, class-major (class 0 first), in insertion order within a class (the
+        order of RoTTA's ``get_memory`` and SoTTA's ``get_memory``)."""
+        view = view or self.host_view()
+        slots = [s for s in range(self.capacity) if view["occupied"][s]]
+        slots.sort(key=lambda s: (view["labels"][s], view["order"][s]))
+        return torch.tensor(slots, dtype=torch.long, device=self.occupied.device)
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        images = state_dict.get(prefix + "images")
+        if images is not None and images.shape != self.images.shape:  # sized by the first batch
+            self.images = torch.zeros_like(images, device=self.occupied.device)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def extra_repr(self) -> str:
+        return f"capacity={self.capacity}"
+
+
+class MemoryPolicy(Policy):
+    """Base of the memory policies: :meth:`admit` decides, per batch, which samples enter the memory
+    and which leave it; :meth:`forward` weights the memory's samples when the method trains from them.
+
+    A method that has a memory policy (the batch family's default step, ``policies.extra=[...]``)
+    predicts the batch, lets the policy admit from it, and takes its update on the memory's contents
+    instead of the batch; its other policies then weight the memory's samples.
+    """
+
+    level = "samples"
+    needs: tuple[str, ...] = ("memory",)
+    #: the method trains from this policy's memory
+    holds_memory: ClassVar[bool] = True
+
+    def __init__(self, capacity: int):
+        super().__init__()
+        self.memory = SampleMemory(capacity)
+
+    def admit(self, x: torch.Tensor, logits: torch.Tensor) -> tuple[torch.Tensor, int]:  # pragma: no cover
+        """Admit from the batch ``x`` given its ``logits``; returns the mask of admitted samples (on the
+        device) and the number of evictions (a host number, known from the decisions)."""
+        raise NotImplementedError
+
+    def training_slots(self) -> torch.Tensor:
+        """The slots a method trains from, in order (default: every occupied one, class-major)."""
+        return self.memory.contents()
+
+    def reset(self) -> None:
+        """A reset empties the memory (the samples belong to the stream before it)."""
+        self.memory.clear()
+
+    def forward(self, ctx: BatchContext, alive: torch.Tensor) -> torch.Tensor:
+        """Weights of the memory samples the method trains from (``ctx.extras["slots"]``): 1."""
+        return torch.ones(ctx.batch_size, device=ctx.logits.device)
+
+
+__all__ = ["MemoryPolicy", "SampleMemory"]
