@@ -99,6 +99,9 @@ def options(name: str) -> list[dict]:
 
 
 CASES = [(n, o) for n in BATCH_METHODS for o in options(n)]
+#: methods with nothing to skip on an empty selection: ROID's reference steps every batch, RoTTA and
+#: SoTTA learn from a memory filled across batches (the identity above still holds for them)
+STEPS_ANYWAY = {"roid", "rotta", "sotta"}
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adam"])
@@ -110,7 +113,7 @@ def test_skipping_an_empty_selection_changes_nothing(name, extra, optimizer):
     always = run(build(name, "always", optimizer=optimizer, **extra), xs, empty, bad)
     assert_identical(never, always)
     counters = always[-1]["stats"]["counters"]
-    if extra or name not in ("sar", "crowds"):
+    if (extra or name not in ("sar", "crowds")) and name not in STEPS_ANYWAY:
         assert counters["skipped_empty"] >= len(empty)
     if "reset_constant" in extra:
         assert counters["recoveries"] >= 2

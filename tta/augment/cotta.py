@@ -31,8 +31,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torchvision.transforms as T
-import torchvision.transforms.functional as TF
 
 #: (low, high) of each colour-jitter factor, in the index order of ``torch.randperm(5)``
 JITTER = {"brightness": (0.6, 1.4), "contrast": (0.7, 1.3), "saturation": (0.5, 1.5), "hue": (-0.06, 0.06),
@@ -62,6 +60,8 @@ class TeacherAugmentation:
 
     def color_jitter(self, x: torch.Tensor) -> torch.Tensor:
         """``ColorJitterPro``: the five operations in a random order, each factor drawn when it comes."""
+        import torchvision.transforms.functional as TF  # here, not at import: torchvision loads torch._dynamo
+
         for index in torch.randperm(5).tolist():
             name = ("brightness", "contrast", "saturation", "hue", "gamma")[index]
             low, high = self.jitter[name]
@@ -80,6 +80,9 @@ class TeacherAugmentation:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """One augmented copy of the batch ``x`` (N, C, H, W) in [0, 1]."""
+        import torchvision.transforms as T
+        import torchvision.transforms.functional as TF
+
         height, width = x.shape[-2:]
         x = x.clip(0.0, 1.0)
         x = self.color_jitter(x)

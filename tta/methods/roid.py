@@ -60,7 +60,9 @@ class ROID(BatchMethod):
 
     Host syncs: the consistency forward takes the kept samples only (``x[kept]``), whose number is
     read on the host once per batch, as the reference's subset forward requires (its BatchNorm
-    statistics are the subset's). Decisions: the source weights for the ensembling stay on the
+    statistics are the subset's). When no sample is kept there is no augmented forward and no
+    augmentation draw (the consistency term is an empty sum, 0); the reference would augment and
+    forward an empty batch, which the augmentation cannot do. Decisions: the source weights for the ensembling stay on the
     model's device (the reference keeps them on the CPU and copies them every step: the same numbers).
     """
 
@@ -107,8 +109,8 @@ class ROID(BatchMethod):
         kept = weights > 0
         zero = logits.new_zeros(())
         loss = torch.where(kept, weights * soft_likelihood_ratio(logits), zero).sum() / self.batch_size
-        if self.use_consistency:
-            index = kept.nonzero().squeeze(1)  # the kept subset (one host read of its size)
+        index = kept.nonzero().squeeze(1) if self.use_consistency else None  # one host read of the kept size
+        if index is not None and index.numel():  # an empty kept subset: no augmented view, no draw, term 0
             augmented = self.run_model(self.augment(x.index_select(0, index)))
             self.counters.add("forwards", 1)
             consistency = symmetric_cross_entropy(augmented, logits.index_select(0, index))
