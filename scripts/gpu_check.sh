@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The GPU tables, in one run (budget: under 10 minutes on one H100/H200; every section has its own
-# timeout and prints its rows as they finish, so a slow section costs only its own rows).
+# The GPU tables, in one run (budget: the section limits add up to 515 s, under 9 minutes on one
+# H100/H200, so that a 15-minute device session keeps room for a partial rerun; every section has
+# its own timeout and prints its rows as they finish, so a slow section costs only its own rows).
 #
 #   bash scripts/gpu_check.sh [OUT_DIR]          # on a CUDA machine
 #   bash scripts/gpu_check.sh --smoke [OUT_DIR]  # tiny CPU settings: checks that every section starts and runs
@@ -60,24 +61,24 @@ python -c "import torch, timm; print(f'torch {torch.__version__}, CUDA {torch.ve
 # 1. every batch method, ResNet-50 then ViT-B/16 (the fast column compiles each network once per
 #    parameter preset; the other methods reuse its graphs); the most asked-for methods first
 order=tent,eata,sar,deyo,eta,crowds,eata_c,norm,source
-run methods_resnet50 230 python scripts/bench_methods.py --device cuda --model resnet50 --batch-size 64 \
+run methods_resnet50 170 python scripts/bench_methods.py --device cuda --model resnet50 --batch-size 64 \
     --image-size 224 --iters 20 --warmup 3 --fast --methods $order
-run methods_vit_b16 150 python scripts/bench_methods.py --device cuda --model vit_base_patch16_224 --batch-size 64 \
+run methods_vit_b16 100 python scripts/bench_methods.py --device cuda --model vit_base_patch16_224 --batch-size 64 \
     --image-size 224 --iters 20 --warmup 3 --fast --methods $order
 # 1b. a real stream at small batches: the empty-selection skip, sync-free ("never") against read ("always")
 for mode in never always; do
-  run methods_digits_$mode 55 python scripts/bench_methods.py --device cuda --data digits-c --batch-sizes 1,4,16,64 \
+  run methods_digits_$mode 40 python scripts/bench_methods.py --device cuda --data digits-c --batch-sizes 1,4,16,64 \
       --repeats 2 --skip-empty $mode --methods tent,eta,eata,sar,deyo,crowds
 done
 # 1c. the baselines beyond the seed methods next to Tent, ResNet-50, eager fp32 only (their steps
 #     stay eager around compiled networks; cotta last: 3 forwards, 35 when its gate opens)
-run methods_new_resnet50 120 python scripts/bench_methods.py --device cuda --model resnet50 --batch-size 64 \
+run methods_new_resnet50 80 python scripts/bench_methods.py --device cuda --model resnet50 --batch-size 64 \
     --image-size 224 --iters 10 --warmup 2 --methods tent,rdumb,lame,roid,rotta,sotta,cotta
 # 2. the on-the-fly ImageNet-C stream end to end, ResNet-50 EATA (default and fast)
-run stream_resnet50_eata 50 python scripts/bench_stream_e2e.py --device cuda --model resnet50 --method eata \
+run stream_resnet50_eata 45 python scripts/bench_stream_e2e.py --device cuda --model resnet50 --method eata \
     --batch-size 64 --batches 20 --warmup 3 --images 1472
 # 3. TPT and ADTE per image on CLIP ViT-B/16 (64 views per image), then ZERO, C-TPT, TDA (ours only;
 #    rows print as they finish, so the limit costs only the last rows)
-run clip_vit_b16 45 python scripts/bench_clip.py --arch ViT-B-16 --device cuda --images 10 --warmup 2 \
+run clip_vit_b16 40 python scripts/bench_clip.py --arch ViT-B-16 --device cuda --images 10 --warmup 2 \
     --methods tpt,adte,zero,ctpt,tda
 echo "done in $(( SECONDS - started )) s; outputs in $out"

@@ -120,10 +120,30 @@ class MemoryPolicy(Policy):
         super().__init__()
         self.memory = SampleMemory(capacity)
 
-    def admit(self, x: torch.Tensor, logits: torch.Tensor) -> tuple[torch.Tensor, int]:  # pragma: no cover
-        """Admit from the batch ``x`` given its ``logits``; returns the mask of admitted samples (on the
-        device) and the number of evictions (a host number, known from the decisions)."""
+    def admission_scores(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # pragma: no cover
+        """``(pseudo-labels, score)`` of each sample of the batch, the score the policy admits by."""
         raise NotImplementedError
+
+    def admit_on_host(self, view: dict[str, Any], labels: list[int], scores: list[float]
+                      ) -> tuple[list[int], int]:  # pragma: no cover
+        """The admission and eviction decisions on the host bookkeeping ``view`` (changed in place;
+        ``view["batch_index"]`` gives, per slot, the batch index of the sample stored there in this
+        batch, or -1): the batch indices admitted and the number of evictions."""
+        raise NotImplementedError
+
+    def admit(self, x: torch.Tensor, logits: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """Admit from the batch ``x`` given its ``logits``; returns the mask of admitted samples (on the
+        device) and the number of evictions (a host number, known from the decisions). The labels and
+        scores, and the memory's bookkeeping, are the batch's only host reads."""
+        labels, scores = self.admission_scores(logits.detach())
+        values = torch.stack([labels.to(torch.float64), scores.to(torch.float64)]).tolist()
+        view = self.memory.host_view(x)
+        admitted, evicted = self.admit_on_host(view, [int(c) for c in values[0]], values[1])
+        placed = {i: s for s, i in enumerate(view["batch_index"]) if i >= 0 and view["occupied"][s]}
+        self.memory.write(view, x, placed)
+        mask = torch.zeros(x.shape[0], dtype=torch.bool)
+        mask[admitted] = True
+        return mask.to(x.device, non_blocking=True), evicted
 
     def training_slots(self) -> torch.Tensor:
         """The slots a method trains from, in order (default: every occupied one, class-major)."""

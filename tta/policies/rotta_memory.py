@@ -58,16 +58,8 @@ class RoTTAMemory(MemoryPolicy):
         p = logits.detach().softmax(1)
         return -(p * torch.log(p + 1e-6)).sum(1)
 
-    def admit(self, x: torch.Tensor, logits: torch.Tensor) -> tuple[torch.Tensor, int]:
-        labels = logits.detach().argmax(1)
-        values = torch.stack([labels.to(torch.float64), self.uncertainty(logits).to(torch.float64)]).tolist()
-        view = self.memory.host_view(x)  # with the line above, the only host reads of the batch
-        admitted, evicted = self.admit_on_host(view, [int(c) for c in values[0]], values[1])
-        placed = {i: s for s, i in enumerate(view["batch_index"]) if i >= 0 and view["occupied"][s]}
-        self.memory.write(view, x, placed)
-        mask = torch.zeros(x.shape[0], dtype=torch.bool)
-        mask[admitted] = True
-        return mask.to(x.device, non_blocking=True), evicted
+    def admission_scores(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return logits.argmax(1), self.uncertainty(logits)
 
     def admit_on_host(self, view: dict[str, Any], labels: list[int], uncertainties: list[float]
                       ) -> tuple[list[int], int]:

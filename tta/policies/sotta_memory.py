@@ -38,17 +38,9 @@ class SoTTAMemory(MemoryPolicy):
         super().__init__(capacity)
         self.num_classes, self.threshold = int(num_classes), float(threshold)
 
-    def admit(self, x: torch.Tensor, logits: torch.Tensor) -> tuple[torch.Tensor, int]:
-        probs = logits.detach().float().softmax(1)
-        confidence, labels = probs.max(1)
-        values = torch.stack([labels.to(torch.float64), confidence.to(torch.float64)]).tolist()
-        view = self.memory.host_view(x)  # with the line above, the only host reads of the batch
-        admitted, evicted = self.admit_on_host(view, [int(c) for c in values[0]], values[1])
-        placed = {i: s for s, i in enumerate(view["batch_index"]) if i >= 0 and view["occupied"][s]}
-        self.memory.write(view, x, placed)
-        mask = torch.zeros(x.shape[0], dtype=torch.bool)
-        mask[admitted] = True
-        return mask.to(x.device, non_blocking=True), evicted
+    def admission_scores(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        confidence, labels = logits.float().softmax(1).max(1)
+        return labels, confidence
 
     def admit_on_host(self, view: dict[str, Any], labels: list[int], confidences: list[float]
                       ) -> tuple[list[int], int]:
