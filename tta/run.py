@@ -376,6 +376,7 @@ def _execute(cfg: dict[str, Any], out_dir: Path, overrides: list[str] | None = N
     from .data.folders import fit_preprocess_to_model
     from .record import build_record, write_json
     from .report import bar_chart, domain_table
+    from .stream_rate import check_stream_rate, resolve_relative_cost
 
     seed_everything(cfg["seed"])
     device = resolve_device(cfg["device"])
@@ -406,9 +407,12 @@ def _execute(cfg: dict[str, Any], out_dir: Path, overrides: list[str] | None = N
                            policy_kwargs=dict(cfg["policies"].get("kwargs") or {}), **method_cfg, **inputs)
     session = session or _Session(cfg, out_dir, continuing=False)
     resumable = session.prepare(method, device)  # guard; a checkpoint's state; the checkpoint writer
+    evaluation = dict(cfg.get("eval") or {})
+    stream_rate = check_stream_rate(evaluation.get("stream_rate") or 0)
+    relative_cost = resolve_relative_cost(evaluation.get("relative_cost"), method_name) if stream_rate else None
     outcome = engine.run(method, stream, source_model=source, device=device, amp=cfg.get("amp", False),
                          channels_last=cfg.get("channels_last", False), compile=cfg.get("compile", False),
-                         fast=cfg.get("fast", False),
+                         fast=cfg.get("fast", False), stream_rate=stream_rate, relative_cost=relative_cost,
                          progress=cfg.get("progress", True), **resumable, **engine_options)
     record = build_record(config=cfg, model_info=classifier.info.to_dict(), method_hparams=method.hparams(),
                           stream_info=stream.describe(), outcome=outcome, device=device)
@@ -416,6 +420,7 @@ def _execute(cfg: dict[str, Any], out_dir: Path, overrides: list[str] | None = N
     record["inputs"] = {**parts.record, **method.input_records()}  # what the method was handed beyond the batches
     record["protocol"] = protocol_record  # the benchmark protocol and where each hyperparameter came from
     record["selection"] = outcome.get("selection")  # what each selection stage kept, and its precision
+    record["stream_rate"] = outcome.get("stream_rate")  # eta, C (declared or measured), batches adapted/skipped
     record["speed"] = outcome.get("speed")  # the speed options used (fast=true resolved: amp, channels_last, compile)
     record.update(session.record())  # "status": "finished", checkpoints written, resumptions
     write_json(out_dir / "run.json", record)
