@@ -243,6 +243,34 @@ def test_a_missed_image_changes_no_view_method_state(name, tiny_spec):
     assert_identical(snapshot(twin), snapshot(method), name)
 
 
+# ------------------------------------------------------------------ the report
+def test_report_puts_offline_and_stream_rate_side_by_side():
+    from tta.report import report_text
+
+    def record(method, seed, eta, acc, rate=None):
+        return {"config": {"method": {"name": method}, "policies": {"extra": []}, "seed": seed,
+                           "setting": {"name": "reset_each_shift"}, "eval": {"stream_rate": eta, "relative_cost": None}},
+                "method": {"method": method}, "model": {"spec": "digits_cnn"}, "selection": None,
+                "results": {"mean": {"accuracy": acc, "source_accuracy": 0.2}, "domains": {"a": {"accuracy": acc}}},
+                "stream_rate": rate}
+
+    measured = lambda c, s: {"mode": "measured", "relative_cost": None, "measured_cost": {"median": c},  # noqa: E731
+                             "batches_adapted": 10 - s, "batches_skipped": s}
+    records = [record("tent", 0, 0, 0.70), record("tent", 1, 0, 0.72),
+               record("tent", 0, 1, 0.60, measured(1.5, 4)), record("tent", 1, 1, 0.64, measured(2.5, 6)),
+               record("norm", 0, 1, 0.55, {"mode": "declared", "relative_cost": 1.0, "batches_adapted": 10,
+                                           "batches_skipped": 0})]
+    text = report_text(records)
+    section = text.split("## offline and under a stream rate\n\n")[1].split("\n\n")[0].splitlines()
+    assert section[0] == "| run | η | offline | stream rate | Δ | C | missed % | seeds |"
+    tent = [c.strip() for c in section[2].split("|")[1:-1]]
+    assert tent[0] == "tent" and tent[1] == "1" and tent[2].startswith("71.0 ±") and tent[3].startswith("62.0 ±")
+    assert tent[4] == "-9.0" and tent[5] == "2.00" and tent[6] == "50.0" and tent[7] == "2"
+    norm = [c.strip() for c in section[3].split("|")[1:-1]]
+    assert norm[2] == "–" and norm[5] == "1.00 (declared)" and norm[6] == "0.0"
+    assert "## offline and under a stream rate" not in report_text(records[:2])
+
+
 # ------------------------------------------------------------------ the command line
 @pytest.mark.slow
 def test_cli_stream_rate_on_digits_c(tmp_path):
@@ -258,3 +286,5 @@ def test_cli_stream_rate_on_digits_c(tmp_path):
     batches = rate["batches_adapted"] + rate["batches_skipped"]
     assert batches == 10 and rate["skipped_batches"] == [1, 2, 4, 5, 7, 8]
     assert record["counts"]["counters"]["batches"] == rate["batches_adapted"] == 4
+    assert "stream rate η = 1 (Alfarra et al., ICML 2024): declared relative cost C = 2.5; 4 of 10 batches adapted" \
+        in (out / "results.md").read_text()

@@ -375,7 +375,7 @@ def _execute(cfg: dict[str, Any], out_dir: Path, overrides: list[str] | None = N
     from .provide import RunParts, provide_inputs
     from .data.folders import fit_preprocess_to_model
     from .record import build_record, write_json
-    from .report import bar_chart, domain_table
+    from .report import bar_chart, domain_table, stream_rate_summary
     from .stream_rate import check_stream_rate, resolve_relative_cost
 
     seed_everything(cfg["seed"])
@@ -426,6 +426,9 @@ def _execute(cfg: dict[str, Any], out_dir: Path, overrides: list[str] | None = N
     write_json(out_dir / "run.json", record)
     title = f"{method_name} on {data['name']} ({classifier.info.spec})"
     table = domain_table(outcome["results"], outcome.get("selection"))
+    rate_line = stream_rate_summary(outcome.get("stream_rate"))
+    if rate_line:
+        table += f"\n\n{rate_line}"
     (out_dir / "results.md").write_text(f"# {title}\n\naccuracy (%)\n\n{table}\n")
     bar_chart(outcome["results"], out_dir / "results.png", title)
     session.finish()
