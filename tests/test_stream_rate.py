@@ -288,3 +288,18 @@ def test_cli_stream_rate_on_digits_c(tmp_path):
     assert record["counts"]["counters"]["batches"] == rate["batches_adapted"] == 4
     assert "stream rate η = 1 (Alfarra et al., ICML 2024): declared relative cost C = 2.5; 4 of 10 batches adapted" \
         in (out / "results.md").read_text()
+
+
+# ------------------------------------------------------------------ no host sync with a declared cost
+@pytest.mark.parametrize("name", ["tent", "eata"])
+def test_declared_cost_adds_no_host_sync(name):
+    """Adapted and missed batches alike: from the second batch to the end, no syncing op (the counter
+    of tests/test_host_sync.py; a declared C times nothing)."""
+    from test_host_sync import _CountedStream, _engine_batches, build as build_quiet
+
+    batches = _engine_batches(("gaussian_noise", "contrast"), per_domain=4)
+    stream = _CountedStream(batches, start=1)
+    out = engine.run(build_quiet(name), stream, device="cpu", progress=True, log_every=10_000, stream_rate=1.0,
+                     relative_cost=2.0)
+    assert not stream.counter.ops, stream.counter.report()
+    assert out["stream_rate"]["skipped_batches"] == [1, 3, 5, 7]
