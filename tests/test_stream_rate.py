@@ -303,3 +303,24 @@ def test_declared_cost_adds_no_host_sync(name):
                      relative_cost=2.0)
     assert not stream.counter.ops, stream.counter.report()
     assert out["stream_rate"]["skipped_batches"] == [1, 3, 5, 7]
+
+
+# ------------------------------------------------------------------ resume
+def test_a_resumed_run_continues_the_schedule():
+    """A checkpoint holds the schedule (the pending delay included): resumed mid-delay, the run ends with
+    the uninterrupted run's record and results."""
+    from tta.checkpoint import changing_state, restore_method
+
+    batches = stream({"a": 7, "b": 3})
+    saves = []
+    method = build("tent")
+    whole = engine.run(method, batches, progress=False, stream_rate=1.0, relative_cost=3.0, checkpoint_every=2,
+                       checkpoint=lambda p: saves.append((p, changing_state(method))))
+    assert [p["done"] for p, _ in saves] == [2, 4, 6, 7, 8, 10]
+    progress, state = saves[1]  # after batch 3 (index 3 adapted, a delay of 2 pending)
+    assert progress["extra"]["stream_rate"]["delay"] == 2
+    fresh = build("tent")
+    restore_method(fresh, state)
+    again = engine.run(fresh, batches, progress=False, stream_rate=1.0, relative_cost=3.0, resume=progress)
+    assert again["stream_rate"] == whole["stream_rate"]
+    assert again["results"] == whole["results"] and again["stats"] == whole["stats"]
