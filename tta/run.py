@@ -420,7 +420,7 @@ def _execute(cfg: dict[str, Any], out_dir: Path, overrides: list[str] | None = N
     record["inputs"] = {**parts.record, **method.input_records()}  # what the method was handed beyond the batches
     record["protocol"] = protocol_record  # the benchmark protocol and where each hyperparameter came from
     record["selection"] = outcome.get("selection")  # what each selection stage kept, and its precision
-    record["stream_rate"] = outcome.get("stream_rate")  # eta, C (declared or measured), batches adapted/skipped
+    record["stream_rate"] = outcome.get("stream_rate")  # the rate, C (declared or measured), batches adapted/skipped
     record["speed"] = outcome.get("speed")  # the speed options used (fast=true resolved: amp, channels_last, compile)
     record.update(session.record())  # "status": "finished", checkpoints written, resumptions
     write_json(out_dir / "run.json", record)
