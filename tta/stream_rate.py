@@ -158,7 +158,7 @@ class StreamRate:
             q = statistics.quantiles(ordered, n=4) if len(ordered) > 1 else [ordered[0]] * 3
             out["measured_cost"] = {"median": statistics.median(ordered), "q25": q[0], "q75": q[2],
                                     "min": ordered[0], "max": ordered[-1], "n": len(ordered),
-                                    "per_batch": [round(c, 4) for c in self.costs]}
+                                    "per_batch": list(self.costs)}
         return out
 
     def state_dict(self) -> dict[str, Any]:
