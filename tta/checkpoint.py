@@ -239,6 +239,9 @@ class RunProgress:
         self.done = 0
         self.wall_before = 0.0
         self.stream_state: dict[str, Any] | None = None
+        #: the engine's own progress beyond the metrics (the stream-rate schedule), plain values
+        self.extra: dict[str, Any] = {}
+        self.extra_state: Callable[[], dict[str, Any]] | None = None
         self._mark: tuple[int, int, int, int] | None = None
         self._saved_at = -1
         self._start = time.perf_counter()
@@ -250,6 +253,7 @@ class RunProgress:
             self.done = int(resume["done"])
             self.wall_before = float(resume["wall_time_s"])
             self.stream_state = resume.get("stream")
+            self.extra = dict(resume.get("extra") or {})
             self._saved_at = self.done
 
     def batches(self, stream: Iterable[Any]) -> Iterator[Any]:
@@ -307,7 +311,8 @@ class RunProgress:
         """The progress after the last batch done (metrics on the CPU)."""
         return {"metrics": accumulators_state(self.metrics), "selection": accumulators_state(self.selection),
                 "order": self.order.state_dict(), "current": current, "done": self.done,
-                "wall_time_s": self.wall(), "stream": self._stream_position(stream)}
+                "wall_time_s": self.wall(), "stream": self._stream_position(stream),
+                "extra": self.extra_state() if self.extra_state is not None else {}}
 
 
 # ---------------------------------------------------------------------------------------- writer

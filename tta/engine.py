@@ -9,6 +9,11 @@ accumulates accuracy, NLL and ECE on the device, and for methods that learn from
 the selection diagnostics of each policy stage (:class:`~tta.metrics.SelectionMetrics`: kept, and how
 many of the kept were predicted right; the returned ``selection``). The host reads them at the end of each domain and
 every ``log_every`` batches for the progress bar.
+
+With ``stream_rate=eta > 0`` the loop follows the stream-rate protocol (:mod:`tta.stream_rate`;
+Alfarra et al., ICML 2024): after each adapted batch the method misses ``ceil(eta * C) - 1``
+batches, ``C`` its relative cost (measured, or declared with ``relative_cost``), and a missed batch
+is predicted by ``method.predict_only(x)`` (no update, no state change). Accuracy counts every batch.
 """
 from __future__ import annotations
 
@@ -23,6 +28,7 @@ from .checkpoint import RunProgress
 from .data.stream import Batch
 from .metrics import DomainMetrics, SelectionMetrics, mean_over_domains, selection_summary
 from .methods import Method
+from .stream_rate import StreamRate
 
 
 def _autocast(device: torch.device, amp: bool):
@@ -76,6 +82,8 @@ def run(
     resume: Mapping[str, Any] | None = None,
     checkpoint: Callable[[dict[str, Any]], None] | None = None,
     checkpoint_every: int = 0,
+    stream_rate: float = 0.0,
+    relative_cost: float | None = None,
 ) -> dict[str, Any]:
     """Adapt ``method`` online over ``stream`` and return results, counters and timings.
 
@@ -89,6 +97,9 @@ def run(
             every ``checkpoint_every`` batches (0: never) and at the end of every domain.
         resume: such a progress: continue from there (metrics, order hash, stream position and
             wall time so far; the caller restores the method's state and the RNG states).
+        stream_rate: ``eta`` of the stream-rate protocol (:mod:`tta.stream_rate`); 0 (default): the
+            offline protocol, every batch adapted. relative_cost: a declared ``C`` (no timing);
+            ``None``: measured per adapted batch. What happened is returned under ``stream_rate``.
     """
     device = torch.device(device) if device is not None else next(method.parameters()).device
     method.prepare(device=device, channels_last=channels_last, compile=compile, fast=fast)
@@ -99,6 +110,11 @@ def run(
         if channels_last:
             source_model.to(memory_format=torch.channels_last)
     tracker = RunProgress(device, resume, checkpoint=checkpoint, every=checkpoint_every)
+    rate = StreamRate(stream_rate, relative_cost) if stream_rate else None
+    if rate is not None:
+        if "stream_rate" in tracker.extra:
+            rate.load_state_dict(tracker.extra["stream_rate"])
+        tracker.extra_state = lambda: {"stream_rate": rate.state_dict()}
     metrics: dict[str, DomainMetrics] = tracker.metrics
     # selection diagnostics: methods that learn from the samples of a batch (not the per-image view family)
     track_selection = bool(getattr(method, "learns", False)) and getattr(method, "policy_level", "") == "samples"
@@ -121,6 +137,8 @@ def run(
             tracker.domain_end(stream, current)
             if current is not None and reset_each_domain:
                 method.reset()
+                if rate is not None:
+                    rate.reset()  # a new episode: the reference runs each domain in its own process
             current = batch.domain
             metrics.setdefault(current, DomainMetrics(device, paper_ece=getattr(method, "paper_ece", None)))
         order.update(batch.domain, batch.ids)
@@ -128,14 +146,23 @@ def run(
         labels = batch.labels.to(device, non_blocking=True)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
+        adapted = True
         with _autocast(device, amp):
-            logits = method(x, ids=batch.ids, domain=batch.domain)
+            if rate is None:
+                logits = method(x, ids=batch.ids, domain=batch.domain)
+            elif rate.adapts():
+                logits = rate.adapt_timed(lambda: method(x, ids=batch.ids, domain=batch.domain),
+                                          lambda: method.predict_only(x), device, current)
+            else:  # missed: predicted by the current model, nothing changes
+                logits = method.predict_only(x)
+                rate.missed(i, current)
+                adapted = False
             source_logits = None
             if source_model is not None:
                 with torch.no_grad():
                     source_logits = source_model(x)
         metrics[current].update(logits, labels, source_logits)
-        if track_selection:  # the method's stage masks of this batch, on the device
+        if track_selection and adapted:  # the method's stage masks of this batch, on the device
             stages = method.__dict__.pop("last_selection", None) or {}
             selection.setdefault(current, SelectionMetrics(device)).update(stages, logits, labels)
         tracker.batch_done(stream, current)  # the stream position; a checkpoint every ``checkpoint_every``
@@ -160,4 +187,5 @@ def run(
         "peak_memory_mb": peak_memory_mb(device),
         "speed": {**method.speed.as_dict(), "amp": amp, "channels_last": channels_last},
         "selection": selection_summary(selection) if track_selection else None,
+        "stream_rate": rate.record() if rate is not None else None,
     }

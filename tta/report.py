@@ -5,7 +5,9 @@
 finds every ``run.json`` below the given folders and writes ``report.md``: one table (runs x domains,
 mean last), a table of what each learning method learned from (the fraction of samples its
 selection kept and the precision of their pseudo-labels, stage by stage), and with ``--pivot`` a
-matrix of the mean (rows: methods, columns: the values of the pivot keys). Runs that differ only in
+matrix of the mean (rows: methods, columns: the values of the pivot keys), and for runs under a stream
+rate (``eval.stream_rate``, :mod:`tta.stream_rate`) their accuracy next to the same configuration's
+offline accuracy. Runs that differ only in
 their seed are one row: mean ± sample standard deviation over the seeds, the number of seeds, the
 best value of each column in bold and ``≈`` on values within the seed spread of the best
 (:mod:`tta.aggregate`). Figures: ``report.png`` (the mean per row) and ``selection.png``
@@ -45,6 +47,21 @@ def domain_table(results: dict[str, Any], selection: dict[str, Any] | None = Non
             row += f" {_pct(sel.get('kept_frac'))} | {_pct(sel.get('precision'))} |"
         rows.append(row)
     return "\n".join(rows)
+
+
+def stream_rate_summary(rate: dict[str, Any] | None) -> str:
+    """One line about a run's stream-rate evaluation (run.json's ``stream_rate``; empty when offline)."""
+    if not rate:
+        return ""
+    total = rate["batches_adapted"] + rate["batches_skipped"]
+    if rate.get("mode") == "declared":
+        cost = f"declared relative cost C = {rate['relative_cost']:g}"
+    else:
+        m = rate.get("measured_cost") or {}
+        cost = ("measured relative cost C: median {median:.2f} (quartiles {q25:.2f}-{q75:.2f}, min {min:.2f}, "
+                "max {max:.2f})").format(**m) if m else "no batch adapted"
+    return (f"stream rate η = {rate['eta']:g} (Alfarra et al., ICML 2024): {cost}; {rate['batches_adapted']} of "
+            f"{total} batches adapted, {rate['batches_skipped']} predicted without adapting")
 
 
 def bar_chart(results: dict[str, Any], path: Path, title: str) -> None:
@@ -356,11 +373,70 @@ def selection_chart(records: list[dict[str, Any]], path: Path) -> bool:
     return True
 
 
+def _eta(cell: Cell) -> float:
+    value = cell.full.get("eval.stream_rate")
+    return float(value) if value else 0.0
+
+
+def _stream_rate_stat(cell: Cell, what: str) -> Stat:
+    """Over the seeds: the median measured relative cost (or the declared one) or the share of batches
+    missed, from each run's ``stream_rate`` record."""
+    def value(record: dict[str, Any]) -> float | None:
+        rate = record.get("stream_rate") or {}
+        if what == "cost":
+            return rate.get("relative_cost") or (rate.get("measured_cost") or {}).get("median")
+        total = rate.get("batches_adapted", 0) + rate.get("batches_skipped", 0)
+        return rate.get("batches_skipped", 0) / total if total else None
+    return Stat.of(value(r) for r in cell.records)
+
+
+def stream_rate_table(records: list[dict[str, Any]], metric: str = "accuracy") -> str:
+    """Markdown: each stream-rate configuration (``eval.stream_rate`` > 0, :mod:`tta.stream_rate`) next to
+    the same configuration run offline (every batch adapted), when the records hold it: the two means
+    of ``metric``, their difference, the relative cost C (declared, or the median measured per adapted
+    batch; mean over seeds) and the share of batches missed. Empty when no run used a stream rate."""
+    cells, keys = group_cells(records)
+    rated = [c for c in cells if _eta(c) > 0]
+    if not rated:
+        return ""
+
+    def base(cell: Cell) -> str:
+        return json.dumps(sorted((k, str(v)) for k, v in cell.full.items() if not k.startswith("eval.")))
+
+    offline = {base(c): c for c in cells if _eta(c) == 0}
+    label_keys = [k for k in keys if not k.startswith("eval.")]
+    seeds = _has_seeds(cells)
+    rows = ["| run | η | offline | stream rate | Δ | C | missed % |" + (" seeds |" if seeds else ""),
+            "|---|---:|---:|---:|---:|---:|---:|" + ("---:|" if seeds else "")]
+    for cell in rated:
+        label = " · ".join([str(cell.descriptor["method"])] + [f"{k}={cell.descriptor.get(k)}" for k in label_keys])
+        rate = cell.metric(metric)
+        twin = offline.get(base(cell))
+        off = twin.metric(metric) if twin is not None else None
+        delta = "–"
+        if off is not None and off.mean is not None and rate.mean is not None:
+            delta = f"{100 * (rate.mean - off.mean):+.1f}"
+        cost = _stream_rate_stat(cell, "cost")
+        cost_text = "–" if cost.mean is None else f"{cost.mean:.2f}"
+        declared = any((r.get("stream_rate") or {}).get("mode") == "declared" for r in cell.records)
+        rows.append(f"| {label} | {_eta(cell):g} | {off.format() if off is not None else '–'} | {rate.format()} | "
+                    f"{delta} | {cost_text}{' (declared)' if declared else ''} | "
+                    f"{_pct(_stream_rate_stat(cell, 'missed').mean)} |" + (f" {len(cell.records)} |" if seeds else ""))
+    legend = (f"mean {metric} (%) over domains, offline (every batch adapted) and under the stream rate η (Alfarra et "
+              "al., ICML 2024: after each adapted batch, ceil(η·C) − 1 batches are predicted without adapting); "
+              "C: relative cost of an adapted batch (adapt and predict time over a plain forward), declared or the "
+              "median measured")
+    return "\n".join(rows) + "\n\n" + legend
+
+
 def report_text(records: list[dict[str, Any]], metric: str = "accuracy", pivot: Sequence[str] = ()) -> str:
     """The whole ``report.md``: the sweep table, the pivot matrix (``pivot`` keys) and the selection table."""
     parts = [sweep_table(records, metric)]
     if pivot:
         parts.append(f"## {metric} by {', '.join(pivot)}\n\n" + pivot_table(records, pivot, metric))
+    rated = stream_rate_table(records, metric)
+    if rated:
+        parts.append("## offline and under a stream rate\n\n" + rated)
     selection = selection_table(records)
     if selection:
         parts.append("## what each method learned from (pooled over domains)\n\n" + selection)

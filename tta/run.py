@@ -375,7 +375,8 @@ def _execute(cfg: dict[str, Any], out_dir: Path, overrides: list[str] | None = N
     from .provide import RunParts, provide_inputs
     from .data.folders import fit_preprocess_to_model
     from .record import build_record, write_json
-    from .report import bar_chart, domain_table
+    from .report import bar_chart, domain_table, stream_rate_summary
+    from .stream_rate import check_stream_rate, resolve_relative_cost
 
     seed_everything(cfg["seed"])
     device = resolve_device(cfg["device"])
@@ -406,9 +407,12 @@ def _execute(cfg: dict[str, Any], out_dir: Path, overrides: list[str] | None = N
                            policy_kwargs=dict(cfg["policies"].get("kwargs") or {}), **method_cfg, **inputs)
     session = session or _Session(cfg, out_dir, continuing=False)
     resumable = session.prepare(method, device)  # guard; a checkpoint's state; the checkpoint writer
+    evaluation = dict(cfg.get("eval") or {})
+    stream_rate = check_stream_rate(evaluation.get("stream_rate") or 0)
+    relative_cost = resolve_relative_cost(evaluation.get("relative_cost"), method_name) if stream_rate else None
     outcome = engine.run(method, stream, source_model=source, device=device, amp=cfg.get("amp", False),
                          channels_last=cfg.get("channels_last", False), compile=cfg.get("compile", False),
-                         fast=cfg.get("fast", False),
+                         fast=cfg.get("fast", False), stream_rate=stream_rate, relative_cost=relative_cost,
                          progress=cfg.get("progress", True), **resumable, **engine_options)
     record = build_record(config=cfg, model_info=classifier.info.to_dict(), method_hparams=method.hparams(),
                           stream_info=stream.describe(), outcome=outcome, device=device)
@@ -416,11 +420,15 @@ def _execute(cfg: dict[str, Any], out_dir: Path, overrides: list[str] | None = N
     record["inputs"] = {**parts.record, **method.input_records()}  # what the method was handed beyond the batches
     record["protocol"] = protocol_record  # the benchmark protocol and where each hyperparameter came from
     record["selection"] = outcome.get("selection")  # what each selection stage kept, and its precision
+    record["stream_rate"] = outcome.get("stream_rate")  # the rate, C (declared or measured), batches adapted/skipped
     record["speed"] = outcome.get("speed")  # the speed options used (fast=true resolved: amp, channels_last, compile)
     record.update(session.record())  # "status": "finished", checkpoints written, resumptions
     write_json(out_dir / "run.json", record)
     title = f"{method_name} on {data['name']} ({classifier.info.spec})"
     table = domain_table(outcome["results"], outcome.get("selection"))
+    rate_line = stream_rate_summary(outcome.get("stream_rate"))
+    if rate_line:
+        table += f"\n\n{rate_line}"
     (out_dir / "results.md").write_text(f"# {title}\n\naccuracy (%)\n\n{table}\n")
     bar_chart(outcome["results"], out_dir / "results.png", title)
     session.finish()

@@ -131,6 +131,12 @@ class BatchMethod(Method):
         calls = self._calls
         return self.model(x) if calls is None else calls["model"](x)
 
+    def predict_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The adapted model's forward (its compiled graph when the step is compiled), as the
+        official stream-rate code predicts a missed batch: a teacher method (CoTTA, RoTTA) predicts
+        it with the student, LAME and ``source`` with the source model (their ``model``)."""
+        return self.run_model(x)
+
     def context(self, x: torch.Tensor, logits: torch.Tensor) -> BatchContext:
         frozen = self.frozen_source
         if frozen is not None and self._calls is not None:

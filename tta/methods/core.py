@@ -76,6 +76,25 @@ def check_skip_empty(mode: Any) -> str:
     return mode
 
 
+@contextlib.contextmanager
+def preserved_buffers(networks: Iterable[nn.Module]):
+    """Put every buffer of ``networks`` back as it was when the block ends (device copies, no host
+    sync): a forward that writes running statistics leaves no trace (:meth:`Method.predict_only`)."""
+    saved = [(net, {name: b.clone() for name, b in net.named_buffers()}) for net in networks]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for net, buffers in saved:
+                current = dict(net.named_buffers())
+                for name, value in buffers.items():
+                    if name in current and current[name].shape == value.shape:
+                        current[name].copy_(value)
+                    else:  # a forward that replaced the buffer object: restore the saved one by name
+                        owner, _, leaf = name.rpartition(".")
+                        setattr(net.get_submodule(owner) if owner else net, leaf, value)
+
+
 class Counters(nn.Module):
     """Run counters kept on the device (read them with :meth:`as_dict`, which syncs once)."""
 
@@ -512,6 +531,30 @@ class Method(nn.Module):
         self.__dict__.pop("_first_param", None)  # the input check looks it up again
         return super()._apply(fn, *args, **kwargs)
 
+    # ------------------------------------------------------------------ predicting without adapting
+    def predict_only(self, x: torch.Tensor) -> torch.Tensor:
+        """The logits of the method's current model on ``x``, with no update and no change of any
+        method state: weights, optimizer state, moving averages, memories, policies, clocks and
+        counters stay bitwise as they were (the batches a method too slow for the stream misses,
+        :mod:`tta.stream_rate`; Alfarra et al., ICML 2024).
+
+        The network runs in the mode the method's own forward leaves it in, so BatchNorm layers that
+        normalise with test-batch statistics still do; any buffer the forward writes (running
+        statistics of a BatchNorm in train mode with a momentum, a robust BatchNorm's estimates) is
+        put back afterwards (:func:`preserved_buffers`: one device copy, no host sync). No input
+        check and no collapse guard run. A family or recipe changes *what* predicts by overriding
+        :meth:`predict_logits`."""
+        with self.lock, torch.no_grad(), self.speed_context(x):
+            if self.speed.channels_last and x.dim() == 4:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with preserved_buffers(self.networks()):
+                return self.predict_logits(x)
+
+    def predict_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """What :meth:`predict_only` runs (under ``no_grad``, buffers restored after): the adapted
+        model's forward (the official stream-rate code's ``model.model(images)``)."""
+        return self.model(x)
+
     # ------------------------------------------------------------------ the run
     def networks(self) -> list[nn.Module]:
         """The classifiers this method runs (the adapted one, plus any frozen copy a family keeps)."""
@@ -734,4 +777,4 @@ class Method(nn.Module):
 
 
 __all__ = ["Counters", "Method", "NONFINITE_MODES", "SKIP_EMPTY_MODES", "check_skip_empty", "make_optimizer",
-           "reads_are_free"]
+           "preserved_buffers", "reads_are_free"]

@@ -32,7 +32,7 @@ import torch
 from ..augment.diffusion import DiffusionViews
 from ..augment.mixed_views import MODES as DIFFUSION_MODES
 from ..augment.mixed_views import DiffusionViewGenerator
-from ..augment.views import ViewGenerator
+from ..augment.views import ViewGenerator, resize_center_crop
 from ..models.clip import ClipClassifier
 from ..objectives import shannon_entropy, zero_vote
 from ..policies import BatchContext, Policy
@@ -180,6 +180,24 @@ class ViewMethod(Method):
 
     def context(self, views: torch.Tensor, logits: torch.Tensor, **extras: Any) -> BatchContext:
         return BatchContext(views, logits, self.model, **extras)
+
+    # ------------------------------------------------------------------ predicting without adapting
+    def predict_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """A missed image (:meth:`~tta.methods.core.Method.predict_only`): the model on the original
+        view (resize + centre crop) with the parameters every image starts from, i.e. the zero-shot
+        prediction (the official stream-rate code predicts a per-image method's missed batches,
+        MEMO's, with the source model). The tuned parameters are swapped out and back (bitwise).
+        TDA's caches are not read."""
+        params = self.adapted_parameters()
+        tuned = [p.detach().clone() for p in params]
+        try:
+            for p, p0 in zip(params, self._initial_state["params"]):
+                p.copy_(p0)
+            image = self.model.encode_image(resize_center_crop(x, self.base_views.size))
+            return self.model.logits_from_features(image, self.model.text_features()).float()
+        finally:
+            for p, value in zip(params, tuned):
+                p.copy_(value)
 
     # ------------------------------------------------------------------ per-image state
     def _capture_state(self) -> dict[str, Any]:
