@@ -171,3 +171,39 @@ def test_auto_where_a_read_syncs_decides_per_window():
         method.counters.add("batches", 1)
         method.plan_skip(cuda)
     assert not method._skip_now  # the next window had no empty selection
+
+
+@pytest.mark.parametrize("name,margin", [("eta", {"e_margin": 0.6}), ("deyo", {"deyo_margin": 0.6})])
+def test_policies_after_an_empty_filter_are_skipped_with_the_same_result(name, margin):
+    """On the CPU a policy that an empty selection leaves inert (``inert_when_empty``: ETA's redundancy
+    filter and weight, DeYO's PLPD) is not called once the entropy filter kept nothing; weights,
+    optimizer state, counters, policy state (EATA's running prediction) and the selection masks of
+    the diagnostics are those of the step that calls it."""
+    xs = digits(6, size=4)
+    records, calls = {}, {}
+    for mode in ("never", "auto"):
+        torch.manual_seed(0)
+        method = methods.build(name, load_classifier("digits_cnn"), batch_size=4, nonfinite="skip", input_range=None,
+                               skip_empty=mode, **margin)
+        later = method.policies[1]
+        calls[mode] = 0
+
+        def counted(ctx, alive, _forward=later.forward, _mode=mode):
+            calls[_mode] += 1
+            return _forward(ctx, alive)
+
+        later.forward = counted
+        torch.manual_seed(1)
+        out = []
+        for x in xs:
+            logits = method(x)
+            out.append({"logits": logits.clone(), "state": {k: v.clone() for k, v in method.state_dict().items()
+                                                            if torch.is_tensor(v)},
+                        "optimizer": method.optimizer.state_dict(), "stats": method.stats(),
+                        "masks": {k: v.clone() for k, v in method.last_selection.items()}})
+        records[mode] = out
+    assert_identical(records["never"], records["auto"])
+    empty = records["auto"][-1]["stats"]["counters"]["skipped_empty"]
+    assert 0 < empty < len(xs)  # both cases ran: some batches kept samples, some none
+    first_kept = sum(bool(next(iter(r["masks"].values())).any()) for r in records["auto"])
+    assert calls["never"] == len(xs) and calls["auto"] == first_kept < len(xs)  # called only after a non-empty filter

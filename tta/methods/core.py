@@ -430,9 +430,17 @@ class Method(nn.Module):
             return weights
         alive = weights > 0
         masks = [alive]  # alive before the first policy, then kept after each (= alive before the next)
-        for key, policy in zip(keys, self.policies):
+        host, empty = self._host_guard, False
+        for i, (key, policy) in enumerate(zip(keys, self.policies)):
+            if host and i and policy.inert_when_empty:  # reads are free: no sample alive, no call
+                empty = empty or not bool(alive.any())
+                if empty:  # its factor (0 for every sample not alive) would change no weight
+                    self.last_selection[key] = alive
+                    masks.append(alive)
+                    continue
             weights = weights * policy(ctx, alive)
             alive = weights > 0
+            empty = False
             self.last_selection[key] = alive
             masks.append(alive)
         if self._host_guard:  # reads are free (the CPU): every stage's count in one read, added as numbers

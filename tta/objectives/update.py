@@ -175,7 +175,7 @@ class GuardedStep:
         if host:  # the decisions read on the host (free on the CPU)
             take = bool(ok)
             if loss is not None:
-                take = take and math.isfinite(float(loss.detach()))
+                take = take and math.isfinite(loss.item())
                 if take:  # a step that will not be taken needs no gradients (they would be cleared)
                     loss.backward()
             ok = self.apply(take, host=True)
