@@ -77,7 +77,11 @@ def check_skip_empty(mode: Any) -> str:
 
 
 class Counters(nn.Module):
-    """Run counters kept on the device (read them with :meth:`as_dict`, which syncs once)."""
+    """Run counters kept on the device (read them with :meth:`as_dict`, which syncs once).
+
+    A host number added to a counter on the CPU (outside a compiled region) is written through a
+    NumPy view of the buffer's memory, without a tensor op (the same value, a fraction of the cost);
+    the view is dropped from copies and made again when the buffer changes (moved, reassigned)."""
 
     def __init__(self, names: Iterable[str] = ()):
         super().__init__()

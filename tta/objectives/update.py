@@ -18,7 +18,8 @@ batch.
 Optimizers other than SGD/Adam/AdamW fall back to a host-side check (one sync per batch). Where
 a read costs nothing (the CPU), callers pass ``host=True`` for the same check and skip the
 snapshot and the undo: the stepped state is the same either way (the blend reproduces either side
-bit for bit).
+bit for bit). There the loss is read before the backward (a step that will not be taken runs no
+backward: its gradients would be cleared unused) and the gradients' norms are checked as numbers.
 """
 from __future__ import annotations
 
@@ -170,7 +171,8 @@ class GuardedStep:
 
         ``host=True`` reads the decision on the host (free on the CPU) and steps only when it holds,
         without the snapshot and the undo: the same result, less work. Returns the boolean tensor
-        saying whether the step was kept.
+        saying whether the step was kept (with ``host=True`` a shared constant: read it, do not
+        modify it in place).
         """
         if host:  # the decisions read on the host (free on the CPU)
             take = bool(ok)
