@@ -207,3 +207,30 @@ def test_policies_after_an_empty_filter_are_skipped_with_the_same_result(name, m
     assert 0 < empty < len(xs)  # both cases ran: some batches kept samples, some none
     first_kept = sum(bool(next(iter(r["masks"].values())).any()) for r in records["auto"])
     assert calls["never"] == len(xs) and calls["auto"] == first_kept < len(xs)  # called only after a non-empty filter
+
+
+def test_counters_add_host_numbers_through_their_own_memory():
+    """On the CPU a counter adds a host number through a NumPy view of its buffer: the buffer (and so
+    ``state_dict``) sees it, a copy counts on its own, and a loaded or replaced buffer is written, not
+    a stale view."""
+    import copy
+    import pickle
+
+    from tta.methods.core import Counters
+
+    c = Counters(["a"])
+    c.add("a", 2)
+    c.add("a", torch.tensor(3))  # a device value: the tensor path
+    twin = copy.deepcopy(c)
+    twin.add("a", 10)
+    c.add("a", 1)
+    assert c.as_dict() == {"a": 6} and twin.as_dict() == {"a": 15}
+    c.load_state_dict({"a": torch.tensor(40)})
+    c.add("a", 1)
+    assert c.state_dict()["a"].item() == 41
+    c.a = torch.zeros((), dtype=torch.long)  # a new buffer object: a new view
+    c.add("a", 5)
+    assert c.a.item() == 5
+    restored = pickle.loads(pickle.dumps(c))
+    restored.add("a", 1)
+    assert restored.as_dict() == {"a": 6} and c.as_dict() == {"a": 5}
