@@ -171,3 +171,66 @@ def test_auto_where_a_read_syncs_decides_per_window():
         method.counters.add("batches", 1)
         method.plan_skip(cuda)
     assert not method._skip_now  # the next window had no empty selection
+
+
+@pytest.mark.parametrize("name,margin", [("eta", {"e_margin": 0.6}), ("deyo", {"deyo_margin": 0.6})])
+def test_policies_after_an_empty_filter_are_skipped_with_the_same_result(name, margin):
+    """On the CPU a policy that an empty selection leaves inert (``inert_when_empty``: ETA's redundancy
+    filter and weight, DeYO's PLPD) is not called once the entropy filter kept nothing; weights,
+    optimizer state, counters, policy state (EATA's running prediction) and the selection masks of
+    the diagnostics are those of the step that calls it."""
+    xs = digits(6, size=4)
+    records, calls = {}, {}
+    for mode in ("never", "auto"):
+        torch.manual_seed(0)
+        method = methods.build(name, load_classifier("digits_cnn"), batch_size=4, nonfinite="skip", input_range=None,
+                               skip_empty=mode, **margin)
+        later = method.policies[1]
+        calls[mode] = 0
+
+        def counted(ctx, alive, _forward=later.forward, _mode=mode):
+            calls[_mode] += 1
+            return _forward(ctx, alive)
+
+        later.forward = counted
+        torch.manual_seed(1)
+        out = []
+        for x in xs:
+            logits = method(x)
+            out.append({"logits": logits.clone(), "state": {k: v.clone() for k, v in method.state_dict().items()
+                                                            if torch.is_tensor(v)},
+                        "optimizer": method.optimizer.state_dict(), "stats": method.stats(),
+                        "masks": {k: v.clone() for k, v in method.last_selection.items()}})
+        records[mode] = out
+    assert_identical(records["never"], records["auto"])
+    empty = records["auto"][-1]["stats"]["counters"]["skipped_empty"]
+    assert 0 < empty < len(xs)  # both cases ran: some batches kept samples, some none
+    first_kept = sum(bool(next(iter(r["masks"].values())).any()) for r in records["auto"])
+    assert calls["never"] == len(xs) and calls["auto"] == first_kept < len(xs)  # called only after a non-empty filter
+
+
+def test_counters_add_host_numbers_through_their_own_memory():
+    """On the CPU a counter adds a host number through a NumPy view of its buffer: the buffer (and so
+    ``state_dict``) sees it, a copy counts on its own, and a loaded or replaced buffer is written, not
+    a stale view."""
+    import copy
+    import pickle
+
+    from tta.methods.core import Counters
+
+    c = Counters(["a"])
+    c.add("a", 2)
+    c.add("a", torch.tensor(3))  # a device value: the tensor path
+    twin = copy.deepcopy(c)
+    twin.add("a", 10)
+    c.add("a", 1)
+    assert c.as_dict() == {"a": 6} and twin.as_dict() == {"a": 15}
+    c.load_state_dict({"a": torch.tensor(40)})
+    c.add("a", 1)
+    assert c.state_dict()["a"].item() == 41
+    c.a = torch.zeros((), dtype=torch.long)  # a new buffer object: a new view
+    c.add("a", 5)
+    assert c.a.item() == 5
+    restored = pickle.loads(pickle.dumps(c))
+    restored.add("a", 1)
+    assert restored.as_dict() == {"a": 6} and c.as_dict() == {"a": 5}

@@ -145,6 +145,9 @@ class BatchMethod(Method):
 
     def objective(self, ctx: BatchContext, weights: torch.Tensor) -> torch.Tensor:
         """Loss to minimise: the weighted mean entropy over the kept samples."""
+        if not self.policies:  # no policy: every weight is 1 (select), and the weighted mean is the plain
+            entropy = ctx.entropy  # one, the same sum divided by the same count (bit for bit), fewer ops
+            return entropy.sum() / entropy.shape[0]
         return weighted_mean(ctx.entropy, weights)
 
     def adapt(self, x: torch.Tensor) -> torch.Tensor:

@@ -39,17 +39,20 @@ def check_batch(x: torch.Tensor, channels: int = 3, nonfinite: str = "raise", *,
     """
     if not torch.is_tensor(x):
         raise ValueError(f"expected a tensor batch of images, got {type(x).__name__}")
-    if x.ndim != 4:
-        raise ValueError(f"expected images of shape (N, C, H, W), got shape {tuple(x.shape)}")
-    if x.shape[0] == 0:
+    shape = x.shape
+    if len(shape) != 4:
+        raise ValueError(f"expected images of shape (N, C, H, W), got shape {tuple(shape)}")
+    n, c, h, w = shape
+    if n == 0:
         raise ValueError("empty batch: a batch needs at least one image")
-    if x.shape[1] != channels:
-        raise ValueError(f"expected {channels} channels, got {x.shape[1]} (shape {tuple(x.shape)})")
-    if x.shape[2] < 1 or x.shape[3] < 1:
-        raise ValueError(f"expected images of at least 1x1 pixels, got shape {tuple(x.shape)}")
-    if not x.is_floating_point():
+    if c != channels:
+        raise ValueError(f"expected {channels} channels, got {c} (shape {tuple(shape)})")
+    if h < 1 or w < 1:
+        raise ValueError(f"expected images of at least 1x1 pixels, got shape {tuple(shape)}")
+    x_dtype = x.dtype
+    if not x_dtype.is_floating_point:
         raise ValueError(f"expected float images in [0, 1], got dtype {x.dtype}")
-    if dtype is not None and x.dtype != dtype:
+    if dtype is not None and x_dtype is not dtype:  # dtypes are singletons
         autocast = x.dtype in (torch.float16, torch.bfloat16) and torch.is_autocast_enabled(x.device.type)
         if not autocast:
             raise ValueError(f"batch dtype {x.dtype} differs from the model's parameters ({dtype}): cast the batch "

@@ -96,7 +96,11 @@ def preserved_buffers(networks: Iterable[nn.Module]):
 
 
 class Counters(nn.Module):
-    """Run counters kept on the device (read them with :meth:`as_dict`, which syncs once)."""
+    """Run counters kept on the device (read them with :meth:`as_dict`, which syncs once).
+
+    A host number added to a counter on the CPU (outside a compiled region) is written through a
+    NumPy view of the buffer's memory, without a tensor op (the same value, a fraction of the cost);
+    the view is dropped from copies and made again when the buffer changes (moved, reassigned)."""
 
     def __init__(self, names: Iterable[str] = ()):
         super().__init__()
@@ -104,10 +108,26 @@ class Counters(nn.Module):
             self.register_buffer(name, torch.zeros((), dtype=torch.long))
 
     def add(self, name: str, value: torch.Tensor | int) -> None:
-        if name not in self._buffers:
+        buffers = self._buffers
+        if name not in buffers:
             device = value.device if torch.is_tensor(value) else self._device()
             self.register_buffer(name, torch.zeros((), dtype=torch.long, device=device))
-        self._buffers[name] += value
+        if type(value) is int and not torch.compiler.is_compiling():  # a host number: on the CPU, no op
+            buffer = buffers[name]
+            view = self.__dict__.setdefault("_host_views", {}).get(name)
+            if view is None or view[0] is not buffer or view[2] != buffer.data_ptr():
+                view = None
+                if buffer.device.type == "cpu" and buffer.is_contiguous() and not buffer.requires_grad:
+                    view = self._host_views[name] = (buffer, buffer.numpy(), buffer.data_ptr())
+            if view is not None:
+                view[1][()] += value  # the buffer's own memory, through a NumPy view: no op dispatched
+                return
+        buffers[name] += value
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__)
+        state.pop("_host_views", None)  # views of this object's buffers: a copy makes its own
+        return state
 
     def _device(self) -> torch.device:
         return next(iter(self._buffers.values())).device if self._buffers else torch.device("cpu")
@@ -350,16 +370,17 @@ class Method(nn.Module):
         anyway and read once per window (never per batch). A compiled step sees the decision as a
         Python constant: one graph per decision."""
         mode = self.skip_empty
+        free = reads_are_free(device)
         if mode == "never":
             now = False
-        elif mode == "always" or reads_are_free(device):
+        elif mode == "always" or free:
             now = True
         else:
             now = self._auto_skip()
         if now != self._skip_now:
             self._skip_now = now
         # the guarded step decides on the host too (not in a compiled step: a graph break costs more)
-        host = mode != "never" and reads_are_free(device) and not self.speed.compile
+        host = mode != "never" and free and not self.speed.compile
         if host != self._host_guard:
             self._host_guard = host
 
@@ -426,17 +447,28 @@ class Method(nn.Module):
         weights = torch.ones(ctx.batch_size, device=ctx.logits.device)
         self.last_selection: dict[str, torch.Tensor] = {}
         keys = self.policy_keys
+        if not keys:
+            if self._host_guard:
+                self.__dict__["_host_kept"] = (weights, ctx.batch_size)
+            return weights
         alive = weights > 0
         masks = [alive]  # alive before the first policy, then kept after each (= alive before the next)
-        for key, policy in zip(keys, self.policies):
+        host, empty = self._host_guard, False
+        for i, (key, policy) in enumerate(zip(keys, self.policies)):
+            if host and i and policy.inert_when_empty:  # reads are free: no sample alive, no call
+                empty = empty or not bool(alive.any())
+                if empty:  # its factor (0 for every sample not alive) would change no weight
+                    self.last_selection[key] = alive
+                    masks.append(alive)
+                    continue
             weights = weights * policy(ctx, alive)
             alive = weights > 0
+            empty = False
             self.last_selection[key] = alive
             masks.append(alive)
-        if not keys:
-            return weights
         if self._host_guard:  # reads are free (the CPU): every stage's count in one read, added as numbers
             counts = torch.stack(masks).sum(dim=1).tolist()
+            self.__dict__["_host_kept"] = (weights, counts[-1])  # the step's kept count: no second read
             buffers = self.policy_counters._buffers
             for i, key in enumerate(keys):
                 for name, value in ((f"{key}_seen", counts[i]), (f"{key}_kept", counts[i + 1])):
@@ -500,7 +532,8 @@ class Method(nn.Module):
         """
         require_nonempty = self.requires_nonempty if require_nonempty is None else require_nonempty
         if self._host_guard:  # reads are free (the CPU): the whole decision on the host, fewer ops
-            kept_n = int((weights > 0).sum())
+            known = self.__dict__.pop("_host_kept", None)  # counted by select() for these weights
+            kept_n = known[1] if known is not None and known[0] is weights else int((weights > 0).sum())
             if require_nonempty and kept_n == 0:
                 return self.skip_step(weights, kept=0)
             ok = self.update(loss() if callable(loss) else loss, True, host=True)

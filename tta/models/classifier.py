@@ -104,7 +104,10 @@ class Classifier(nn.Module):
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         if self.fixed_input_size and self.info.input_size and tuple(x.shape[-2:]) != tuple(self.info.input_size):
             x = F.interpolate(x, size=self.info.input_size, mode="bilinear", align_corners=False, antialias=True)
-        return (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
+        mean, std = self.mean, self.std
+        if mean.dtype != x.dtype:
+            mean, std = mean.to(x.dtype), std.to(x.dtype)
+        return (x - mean) / std
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(self.normalize(x))

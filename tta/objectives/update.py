@@ -18,10 +18,12 @@ batch.
 Optimizers other than SGD/Adam/AdamW fall back to a host-side check (one sync per batch). Where
 a read costs nothing (the CPU), callers pass ``host=True`` for the same check and skip the
 snapshot and the undo: the stepped state is the same either way (the blend reproduces either side
-bit for bit).
+bit for bit). There the loss is read before the backward (a step that will not be taken runs no
+backward: its gradients would be cleared unused) and the gradients' norms are checked as numbers.
 """
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -150,13 +152,37 @@ class GuardedStep:
             return torch.ones((), dtype=torch.bool, device=self.params[0].device)
         return torch.stack(torch._foreach_norm(grads)).isfinite().all()
 
+    def _grads_finite_on_host(self) -> bool:
+        """:meth:`grads_finite` read on the host: the same norms, checked as numbers (fewer ops)."""
+        grads = [p.grad for p in self.params if p.grad is not None]
+        return not grads or all(map(math.isfinite, torch.stack(torch._foreach_norm(grads)).tolist()))
+
+    def _flag(self, value: bool) -> torch.Tensor:
+        """A 0-dim bool tensor on the parameters' device (cached; callers only read it)."""
+        device = self.params[0].device
+        flags = self.__dict__.get("_flags")
+        if flags is None or flags[0].device != device:
+            flags = self._flags = (torch.zeros((), dtype=torch.bool, device=device),
+                                   torch.ones((), dtype=torch.bool, device=device))
+        return flags[value]
+
     def __call__(self, loss: torch.Tensor | None, ok: torch.Tensor | bool, *, host: bool = False) -> torch.Tensor:
         """Backward ``loss`` (``None``: gradients are already there) and step if ``ok``.
 
         ``host=True`` reads the decision on the host (free on the CPU) and steps only when it holds,
         without the snapshot and the undo: the same result, less work. Returns the boolean tensor
-        saying whether the step was kept.
+        saying whether the step was kept (with ``host=True`` a shared constant: read it, do not
+        modify it in place).
         """
+        if host:  # the decisions read on the host (free on the CPU)
+            take = bool(ok)
+            if loss is not None:
+                take = take and math.isfinite(loss.item())
+                if take:  # a step that will not be taken needs no gradients (they would be cleared)
+                    loss.backward()
+            ok = self.apply(take, host=True)
+            self.clear_grads()
+            return ok
         if loss is not None:
             ok = ok & loss.detach().isfinite()
             loss.backward()
@@ -174,13 +200,13 @@ class GuardedStep:
         """Step with the gradients already there, undone unless ``ok`` and all gradients are finite.
         Does not clear the gradients (non-finite ones are zeroed, except with ``host=True``, where a
         step that would be undone is not taken). Returns the boolean tensor "the step was kept"."""
-        ok = ok & self.grads_finite()
         if host:  # the decision read on the host (one read): step or not, nothing to undo
-            self.stepped = bool(ok)
+            self.stepped = bool(ok) and self._grads_finite_on_host()
             if self.stepped:
                 self.prime()
                 self.optimizer.step()
-            return ok
+            return self._flag(self.stepped)
+        ok = ok & self.grads_finite()
         for p in self.params:
             if p.grad is not None:
                 p.grad.nan_to_num_(0.0, 0.0, 0.0)

@@ -114,6 +114,10 @@ class Policy(nn.Module):
     #: a view-ranking stage (keeps the most confident views of an image); an extra ranking given to a
     #: view method replaces the method's own ranking stage
     ranks_views: ClassVar[bool] = False
+    #: with no sample alive the policy changes no state and gives every sample a finite weight (0 for
+    #: those not alive), so its factor changes no weight: where reading that costs nothing (the CPU),
+    #: a method skips the call (:meth:`tta.methods.core.Method.select`)
+    inert_when_empty: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

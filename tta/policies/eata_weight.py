@@ -20,6 +20,7 @@ class EATAWeight(Policy):
 
     level = "samples"
     needs = ()
+    inert_when_empty = True  # a mask or weight of the alive samples, no state
 
     def __init__(self, e0_fraction: float = 0.4, e0: float | None = None):
         super().__init__()

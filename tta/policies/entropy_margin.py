@@ -30,6 +30,7 @@ class EntropyMargin(Policy):
 
     level = "samples"
     needs = ()
+    inert_when_empty = True  # a mask or weight of the alive samples, no state
 
     def __init__(self, fraction: float = 0.4, margin: float | None = None):
         super().__init__()

@@ -141,6 +141,8 @@ class PLPD(Policy):
     needs = ("model",)
     #: constructor defaults when the policy is added by name as an extra policy of a method
     extra_defaults = {"reweight": False}
+    #: no sample alive: no forward, no permutation drawn, weight 0 for every sample
+    inert_when_empty = True
 
     def __init__(self, threshold: float = 0.2, aug_type: str = "patch", patch_len: int = 4,
                  occlusion_size: int = 112, row_start: int = 56, column_start: int = 56,

@@ -43,6 +43,12 @@ class Redundancy(Policy):
         self.register_buffer("m", torch.zeros(num_classes or 0))
         self.register_buffer("m_exists", torch.zeros((), dtype=torch.bool))
 
+    @property
+    def inert_when_empty(self) -> bool:  # type: ignore[override]
+        """No sample alive leaves ``m`` as it is, once ``m`` is sized (the first batch sizes it when
+        ``num_classes`` was not given)."""
+        return self.m.numel() > 0
+
     def clear(self) -> None:
         self.m.zero_()
         self.m_exists.fill_(False)
