@@ -19,7 +19,7 @@ recipe updates every 64 admitted samples).
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
@@ -73,4 +73,33 @@ def adapt_from_memory(method: "BatchMethod", x: torch.Tensor) -> torch.Tensor:
     return logits
 
 
-__all__ = ["adapt_from_memory", "check_memory_policies", "memory_policies"]
+def admit_in_update_periods(method, x: torch.Tensor, predict: Callable[[int, int], torch.Tensor],
+                            key: str) -> list[torch.Tensor]:
+    """RoTTA's and SoTTA's walk over a batch: cut it where the stream reaches the next multiple of
+    ``method.update_every`` samples, let the memory policy admit each piece (given ``predict(start,
+    end)``, its logits), count admissions and evictions, and call ``method.update_model()`` at each
+    multiple (so an update can fall in the middle of a batch, as the references' per-sample loops).
+    The stream position lives in ``method.instances`` (a buffer, saved with the state) and its host
+    copy ``method._seen`` (read from the buffer only after a load). Returns each piece's logits; the
+    admitted mask of the batch goes to the selection diagnostics under ``key``."""
+    seen = method._seen if method._seen is not None else int(method.instances)
+    policy, start, outputs, admitted = method.memory_policy, 0, [], []
+    while start < x.shape[0]:
+        end = min(x.shape[0], start + method.update_every - seen % method.update_every)
+        logits = predict(start, end)
+        outputs.append(logits)
+        mask, evicted = policy.admit(x[start:end], logits)
+        admitted.append(mask)
+        method.counters.add("memory_admitted", mask.sum())
+        method.counters.add("memory_evicted", evicted)
+        seen += end - start
+        if seen % method.update_every == 0:
+            method.update_model()
+        start = end
+    method.instances.fill_(seen)
+    method._seen = seen
+    method.last_selection = {key: torch.cat(admitted)}
+    return outputs
+
+
+__all__ = ["adapt_from_memory", "admit_in_update_periods", "check_memory_policies", "memory_policies"]

@@ -17,6 +17,7 @@ from ..objectives import weighted_mean
 from ..objectives.teacher import ema_update_, soft_cross_entropy
 from ..policies import Policy, RoTTAMemory
 from .batch import BatchMethod
+from .memory_step import admit_in_update_periods
 from .registry import register
 from .speed import compile_network
 
@@ -115,21 +116,7 @@ class RoTTA(BatchMethod):
         with torch.no_grad():
             logits = self.run_teacher(x)
         self.counters.add("forwards", 1)
-        seen = self._seen if self._seen is not None else int(self.instances)  # a host read only after a load
-        policy, start, admitted = self.memory_policy, 0, []
-        while start < x.shape[0]:  # chunks between updates: every update_every-th sample of the stream
-            end = min(x.shape[0], start + self.update_every - seen % self.update_every)
-            mask, evicted = policy.admit(x[start:end], logits[start:end])
-            admitted.append(mask)
-            self.counters.add("memory_admitted", mask.sum())
-            self.counters.add("memory_evicted", evicted)
-            seen += end - start
-            if seen % self.update_every == 0:
-                self.update_model()
-            start = end
-        self.instances.fill_(seen)
-        self._seen = seen
-        self.last_selection = {"rotta_memory_admitted": torch.cat(admitted)}
+        admit_in_update_periods(self, x, lambda start, end: logits[start:end], "rotta_memory_admitted")
         return logits
 
     def update_model(self) -> None:

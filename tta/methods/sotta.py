@@ -15,6 +15,7 @@ from ..objectives import weighted_mean
 from ..objectives.sam import SAMPerturbation
 from ..policies import Policy, SoTTAMemory
 from .batch import BatchMethod
+from .memory_step import admit_in_update_periods
 from .registry import register
 
 
@@ -105,28 +106,17 @@ class SoTTA(BatchMethod):
         self._compiled_adapt = self.adapt
 
     def adapt(self, x: torch.Tensor) -> torch.Tensor:
-        seen = self._seen if self._seen is not None else int(self.instances)  # a host read only after a load
-        policy, start = self.memory_policy, 0
-        outputs, admitted = [], []
-        while start < x.shape[0]:
-            end = min(x.shape[0], start + self.update_every - seen % self.update_every)
-            self.model.eval()
-            with torch.no_grad():
-                logits = self.run_model(x[start:end])
-            self.counters.add("forwards", 1)
-            outputs.append(logits)
-            mask, evicted = policy.admit(x[start:end], logits)
-            admitted.append(mask)
-            self.counters.add("memory_admitted", mask.sum())
-            self.counters.add("memory_evicted", evicted)
-            seen += end - start
-            if seen % self.update_every == 0:
-                self.update_model()
-            start = end
-        self.instances.fill_(seen)
-        self._seen = seen
-        self.last_selection = {"sotta_memory_admitted": torch.cat(admitted)}
-        return torch.cat(outputs)
+        pieces = admit_in_update_periods(self, x, lambda start, end: self._predict_piece(x[start:end]),
+                                         "sotta_memory_admitted")
+        return torch.cat(pieces)
+
+    def _predict_piece(self, piece: torch.Tensor) -> torch.Tensor:
+        """The model's logits on a piece of the batch in eval mode (after the updates before it)."""
+        self.model.eval()
+        with torch.no_grad():
+            logits = self.run_model(piece)
+        self.counters.add("forwards", 1)
+        return logits
 
     def update_model(self) -> None:
         """SAM over Adam on the memory, shuffled as the reference's ``DataLoader`` (``step``)."""
