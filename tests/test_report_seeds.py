@@ -127,3 +127,32 @@ def test_within_spread_and_marks():
     assert not within_spread(a, Stat(0.70, None, 1))  # no spread, no claim
     assert marks([a, b, Stat(0.5, 0.01, 3)]) == ["best", "tie", ""]
     assert marks([Stat(0.3, 0.01, 3), Stat(0.1, 0.05, 3)], higher_is_better=False) == ["", "best"]
+
+
+def test_pivot_columns_with_a_stream_rate_pass(tmp_path):
+    """The matrix's stream-rate column: the same setting under eval.stream_rate=1 is its own column,
+    titled ``reset_each_shift · stream_rate=1``; the offline column keeps the plain setting name."""
+    root = tmp_path / "sweep"
+    job = 0
+    for eta in (0, 1):
+        for method, accs in (("tent", TENT), ("norm", NORM)):
+            for seed, acc in enumerate(accs):
+                folder = root / str(job)
+                folder.mkdir(parents=True)
+                record = fake_record(method, seed, acc, kept=1.0 if method == "tent" else None, precision=0.8)
+                record["config"]["eval"] = {"stream_rate": eta}
+                (folder / "run.json").write_text(json.dumps(record))
+                job += 1
+    records = [json.loads(p.read_text()) for p in report.find_runs([root])]
+    lines = report.pivot_table(records, ["eval.stream_rate"]).splitlines()
+    assert lines[0] == "| run | 0 | 1 |"  # a single key: its values as they are
+    assert report._column_title(["setting", "eval.stream_rate"], ("reset_each_shift", "1")) \
+        == "reset_each_shift · stream_rate=1"
+    assert report._column_title(["setting", "eval.stream_rate"], ("continual", "0")) == "continual"
+    assert report._column_title(["setting", "eval.stream_rate"], ("continual", "None")) == "continual"
+
+
+def test_cli_names_the_keys_when_a_pivot_key_does_not_vary(tmp_path):
+    sweep = write_sweep(tmp_path / "sweep")
+    with pytest.raises(SystemExit, match=r"pivot keys \['severity'\] do not vary"):
+        report.main([str(sweep), "--pivot", "severity"])

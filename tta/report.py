@@ -238,6 +238,15 @@ def selection_table(records: list[dict[str, Any]]) -> str:
     return "\n".join(rows)
 
 
+def _column_title(keys: Sequence[str], values: tuple[str, ...]) -> str:
+    """A pivot column's title: the first key's value, then ``key=value`` for the others, leaving out
+    unset or off values (``eval.stream_rate`` 0: the offline protocol) — e.g. ``reset_each_shift``,
+    ``reset_each_shift · stream_rate=1``."""
+    parts = [values[0]] + [f"{key.rsplit('.', 1)[-1]}={value}" for key, value in zip(keys[1:], values[1:])
+                           if value not in ("None", "0", "0.0", "False")]
+    return " · ".join(parts)
+
+
 def pivot_table(records: list[dict[str, Any]], columns: Sequence[str], metric: str = "accuracy") -> str:
     """Markdown matrix: rows = configurations without the ``columns`` keys (e.g. methods), columns = the
     values of ``columns`` (e.g. ``setting``, ``model``); each entry the mean ``metric`` over domains
@@ -284,7 +293,7 @@ def pivot_table(records: list[dict[str, Any]], columns: Sequence[str], metric: s
                 if first is not None:
                     texts[(source, col)] = first.metric("source_accuracy").format()
             row_values.insert(next(i for i, r in enumerate(row_values) if r[1:] == group), source)
-    header = "| run | " + " | ".join(" · ".join(c) for c in col_values) + " |"
+    header = "| run | " + " | ".join(_column_title(columns, c) for c in col_values) + " |"
     rows = [header, "|---|" + "---:|" * len(col_values)]
     for r in row_values:
         rows.append(f"| {' · '.join(r)} | " + " | ".join(texts.get((r, c), "–") for c in col_values) + " |")
@@ -462,7 +471,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise SystemExit(f"no finished run.json found under {', '.join(map(str, args.paths))}"
                          + (f"\n\n{missing}" if missing else ""))
     pivot = [k for k in args.pivot.split(",") if k]
-    table = report_text(records, args.metric, pivot) + (f"\n\n{missing}" if missing else "")
+    try:
+        table = report_text(records, args.metric, pivot) + (f"\n\n{missing}" if missing else "")
+    except ValueError as error:  # e.g. a pivot key that does not vary: the message says which keys do
+        raise SystemExit(f"python -m tta.report: {error}") from None
     out = args.out or (args.paths[0] if args.paths[0].is_dir() else args.paths[0].parent)
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.md").write_text(table + "\n")
