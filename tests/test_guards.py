@@ -110,3 +110,21 @@ def test_batch_size_one_with_batchnorm_warns_once_and_still_runs():
         warnings.simplefilter("error")
         method(torch.rand(1, 3, 32, 32))  # warned once per method, not per batch
     assert method.stats()["counters"]["steps"] == 2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_nonfinite_found_flags_nan_and_inf_and_leaves_values_unchanged(dtype):
+    """The guard's gradient check (one multi-tensor kernel): 1 for a NaN or an infinity anywhere,
+    0 for finite tensors (also huge ones), and the tensors keep their exact values (the kernel
+    multiplies by exactly 1)."""
+    from tta.objectives.update import nonfinite_found
+
+    tensors = [torch.randn(7, dtype=dtype), torch.randn(3, 4, dtype=dtype)[:, ::2], torch.randn((), dtype=dtype)]
+    tensors[2].fill_(torch.finfo(dtype).max)
+    before = [t.clone() for t in tensors]
+    assert nonfinite_found(tensors).tolist() == [0.0]
+    assert all(torch.equal(a, b) for a, b in zip(before, tensors))
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        spoiled = [t.clone() for t in tensors]
+        spoiled[1][2, 1] = bad
+        assert nonfinite_found(spoiled).tolist() == [1.0], bad

@@ -158,8 +158,8 @@ def test_skip_empty_reads_once_per_batch_where_asked(name, mode):
     # the guarded update's decision (the loss, the gradients) and its counts, read on the host where
     # reads are free (the CPU) (SAR: its official step on an empty S1 reads the size and the logits'
     # finiteness there too)
-    assert set(sites) <= {("update.py", "__call__"), ("update.py", "apply"), ("core.py", "record_step"),
-                          ("sar.py", "_zero_gradient_step")}, counter.report()
+    assert set(sites) <= {("update.py", "__call__"), ("update.py", "apply"), ("update.py", "_grads_finite_on_host"),
+                          ("core.py", "record_step"), ("sar.py", "_zero_gradient_step")}, counter.report()
 
 
 def test_sar_recovery_and_guarded_skip_have_no_host_sync():

@@ -142,8 +142,8 @@ class Counters(nn.Module):
 def make_optimizer(name: str, params: Sequence[nn.Parameter], lr: float, momentum: float,
                    weight_decay: float) -> torch.optim.Optimizer:
     name = name.lower()
-    if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    if name == "sgd":  # multi-tensor kernels on every device (torch's default only on CUDA): the same updates
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, foreach=True)
     if name == "adam":
         return torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999), weight_decay=weight_decay)
     if name == "adamw":

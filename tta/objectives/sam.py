@@ -19,6 +19,7 @@ from typing import Sequence
 
 import torch
 from torch import nn
+from .update import nonfinite_found
 
 
 class SAMPerturbation:
@@ -38,7 +39,7 @@ class SAMPerturbation:
             self._saved_params = params
             return torch.zeros(())
         grads = [p.grad.nan_to_num(0.0, 0.0, 0.0) for p in params]
-        finite = torch.stack(torch._foreach_norm([p.grad for p in params])).isfinite().all()
+        finite = nonfinite_found([p.grad for p in params])[0] == 0
         if self.adaptive:
             norm_terms = torch._foreach_mul(grads, torch._foreach_abs(params))
         else:

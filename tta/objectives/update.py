@@ -19,7 +19,8 @@ Optimizers other than SGD/Adam/AdamW fall back to a host-side check (one sync pe
 a read costs nothing (the CPU), callers pass ``host=True`` for the same check and skip the
 snapshot and the undo: the stepped state is the same either way (the blend reproduces either side
 bit for bit). There the loss is read before the backward (a step that will not be taken runs no
-backward: its gradients would be cleared unused) and the gradients' norms are checked as numbers.
+backward: its gradients would be cleared unused) and the gradients' check is read as a number.
+Every gradient check is one multi-tensor kernel (:func:`nonfinite_found`).
 """
 from __future__ import annotations
 
@@ -49,6 +50,25 @@ def _prime_state(optimizer: torch.optim.Optimizer) -> None:
                 state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 if group.get("amsgrad", False):
                     state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+
+def nonfinite_found(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """A 1-element float tensor on the tensors' device: 1 when any of ``tensors`` holds a NaN or an
+    infinity, else 0 — in one multi-tensor kernel (torch's mixed-precision check,
+    ``_amp_foreach_non_finite_check_and_unscale_``, with an unscale factor of exactly 1, which leaves
+    every value as it is). Tensors on several devices, or a device without that kernel, fall back to
+    their norms (a norm is finite iff every element is; the same answer, more operations).
+    ``tensors`` must be non-empty."""
+    device = tensors[0].device
+    found = torch.zeros(1, device=device)
+    if all(t.device == device for t in tensors):
+        try:
+            torch._amp_foreach_non_finite_check_and_unscale_(list(tensors), found, torch.ones(1, device=device))
+            return found
+        except (RuntimeError, NotImplementedError):  # pragma: no cover - a backend without the kernel
+            found.zero_()
+    norms = [n.to(device) for n in torch._foreach_norm(list(tensors))]
+    return found + (~torch.stack(norms).isfinite().all()).float()
 
 
 def _by_device(tensors: Sequence[torch.Tensor]) -> dict[torch.device, list[int]]:
@@ -150,12 +170,12 @@ class GuardedStep:
         grads = [p.grad for p in self.params if p.grad is not None]
         if not grads:
             return torch.ones((), dtype=torch.bool, device=self.params[0].device)
-        return torch.stack(torch._foreach_norm(grads)).isfinite().all()
+        return nonfinite_found(grads)[0] == 0
 
     def _grads_finite_on_host(self) -> bool:
-        """:meth:`grads_finite` read on the host: the same norms, checked as numbers (fewer ops)."""
+        """:meth:`grads_finite` read on the host (free on the CPU)."""
         grads = [p.grad for p in self.params if p.grad is not None]
-        return not grads or all(map(math.isfinite, torch.stack(torch._foreach_norm(grads)).tolist()))
+        return not grads or nonfinite_found(grads).item() == 0
 
     def _flag(self, value: bool) -> torch.Tensor:
         """A 0-dim bool tensor on the parameters' device (cached; callers only read it)."""
