@@ -19,7 +19,8 @@
 # learned from), report.png and selection.png.
 #
 # Knobs (environment): OUT, METHODS, COMBOS, MODELS, SEEDS, SETTINGS, CORRUPTIONS (comma-separated;
-# empty: all 15), BS1_SUBSET, STREAM_RATE, REPORT (0: no report at the end), PYTHON. Several
+# empty: all 15), BS1_SUBSET, STREAM_RATE, TAG (appended to the METHODS group's folder name: a second
+# METHODS list for a setting already run), REPORT (0: no report at the end), PYTHON. Several
 # invocations with different SETTINGS (or METHODS) may share one OUT, in parallel: each group
 # writes its own folder. Nothing here tunes a hyperparameter: every value is the protocol's.
 set -euo pipefail
@@ -53,7 +54,7 @@ for setting in $SETTINGS; do
     for group in "${groups[@]}"; do
         # a folder name from the group's overrides: method=tent policies.extra=[rotta_memory] -> tent+rotta_memory
         name=$(sed -e 's/method=//; s/policies\.extra=//; s/[][]//g; s/ /+/g; s/,/-/g; s/[^A-Za-z0-9_+.=-]//g' <<< "$group")
-        [[ $group == "method=$METHODS" ]] && name="methods"
+        [[ $group == "method=$METHODS" ]] && name="methods${TAG:-}"
         dir="$OUT/$setting/$name"
         mkdir -p "$OUT/$setting"
         read -r -a overrides <<< "$group"
