@@ -10,7 +10,7 @@ synchronisation in the step::
 
 Per call of the method (:meth:`tta.methods.core.Method.__call__`) the monitor adds, on the device,
 the mean per-sample entropy of the returned prediction (nats), the predicted-class histogram
-(``argmax``) and, from the guarded step (:meth:`~tta.methods.core.Method.step`), the loss (finite
+(``argmax``; rows with a non-finite entropy are left out of both) and, from the guarded step (:meth:`~tta.methods.core.Method.step`), the loss (finite
 losses only); on the host it times the call (``time.perf_counter`` around it: on a GPU that is the
 time to queue the call's work, unless something in it synchronises). :meth:`StepMonitor.snapshot`
 reads the device values and the method's counters (two host reads) and returns totals and, for
@@ -68,9 +68,10 @@ class StepMonitor(nn.Module):
             with torch.no_grad():
                 logits = logits.detach().float()
                 log_p = logits.log_softmax(dim=1)
-                self.entropy_sum += -(log_p.exp() * log_p).sum().to(self.entropy_sum.dtype)
-                top = logits.argmax(dim=1)
-                self.predicted.index_add_(0, top, torch.ones_like(top))
+                entropy = -(log_p.exp() * log_p).sum(dim=1)
+                finite = torch.isfinite(entropy)  # a row of a non-finite batch (nonfinite="skip") is not counted
+                self.entropy_sum += torch.where(finite, entropy, torch.zeros_like(entropy)).sum().to(self.entropy_sum.dtype)
+                self.predicted.index_add_(0, logits.argmax(dim=1), finite.long())
         with self._host_lock:
             self._calls += 1
             self._latency_sum += seconds
