@@ -54,6 +54,7 @@ def test_summary_rows_flatten_domains_means_and_selection():
                     "selection/learned/kept_pct": 25.0}
 
 
+@pytest.mark.slow
 def test_importing_tta_imports_no_logger_or_serving_library():
     code = ("import sys, tta, tta.loggers, tta.monitor, tta.engine, tta.run\n"
             "bad = [m for m in ('tensorboard', 'wandb', 'mlflow', 'prometheus_client', 'ray') if m in sys.modules]\n"
