@@ -8,7 +8,8 @@ for the methods that use them), optionally runs the frozen source model on the s
 accumulates accuracy, NLL and ECE on the device, and for methods that learn from the samples of a batch
 the selection diagnostics of each policy stage (:class:`~tta.metrics.SelectionMetrics`: kept, and how
 many of the kept were predicted right; the returned ``selection``). The host reads them at the end of each domain and
-every ``log_every`` batches for the progress bar.
+every ``log_every`` batches for the progress bar, and, with a run ``logger`` (:mod:`tta.loggers`),
+for one point of per-batch curves (:func:`progress_point`).
 
 With ``stream_rate=eta > 0`` the loop follows the stream-rate protocol (:mod:`tta.stream_rate`;
 Alfarra et al., ICML 2024): after each adapted batch the method misses ``ceil(eta * C) - 1``
