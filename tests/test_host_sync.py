@@ -261,13 +261,27 @@ def test_a_logger_reads_only_at_its_log_points(name, monkeypatch):
             counter.ops = saved
 
     monkeypatch.setattr(engine, "progress_point", point)
+    original_domain = engine.domain_point
+
+    def domain(*args, **kwargs):  # a finished domain's row: read at the domain boundary, not counted either
+        counter.ops, saved = Counter(), counter.ops
+        try:
+            return original_domain(*args, **kwargs)
+        finally:
+            counter.ops = saved
+
+    monkeypatch.setattr(engine, "domain_point", domain)
     logger = _RecordingLogger()
     method = build(name)
     out = engine.run(method, stream, device="cpu", progress=False, log_every=2, logger=logger)
     assert not counter.ops, counter.report()  # 0 syncs per batch outside the log points
-    assert [step for step, _ in logger.points] == [2, 4, 6]
+    curves = [(step, point) for step, point in logger.points if "batch/accuracy" in point]
+    assert [step for step, _ in curves] == [2, 4, 6]
     assert len(inside) == 3 and all(n > 0 for n in inside)  # the reads happen there (the counter sees them)
-    first = logger.points[0][1]
+    rows = {step: point for step, point in logger.points if "batch/accuracy" not in point}
+    assert sorted(rows) == [3, 6]  # each domain's row as it ends
+    assert rows[3]["domain_end/gaussian_noise/accuracy"] == out["results"]["domains"]["gaussian_noise"]["accuracy"]
+    first = curves[0][1]
     assert {"batch/accuracy", "batch/entropy", "batch/effective_classes", "batch/step_time_ms"} <= set(first)
     assert "batch/loss" in first and ("batch/kept_pct/learned" in first)
     assert logger.summary["domain/contrast/accuracy"] == out["results"]["domains"]["contrast"]["accuracy"]

@@ -156,6 +156,8 @@ def test_tensorboard_reads_back_hparams_curves_and_summaries(logged_run):
     for domain, row in record["results"]["domains"].items():
         (summary,) = events.Scalars(f"summary/domain/{domain}/accuracy")
         assert summary.value == pytest.approx(row["accuracy"], rel=1e-6)
+    ends = [events.Scalars(f"domain_end/{domain}/accuracy") for domain in record["results"]["domains"]]
+    assert sorted(e.step for (e,) in ends) == [12, 24]  # each domain's row as it ends (12 batches each)
     (mean,) = events.Scalars("summary/mean/accuracy")
     assert mean.value == pytest.approx(record["results"]["mean"]["accuracy"], rel=1e-6)
     # hyperparameters: the HParams plugin's session start holds the resolved configuration and protocol

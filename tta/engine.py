@@ -108,6 +108,13 @@ def progress_point(method: Method, monitor: Any, domain: DomainMetrics, selectio
     return {k: float(v) for k, v in out.items() if v is not None}
 
 
+def domain_point(name: str, domain: DomainMetrics) -> dict[str, float]:
+    """A finished domain's row (``domain_end/<domain>/<metric>``: accuracy, NLL, ECE, ...), logged
+    at the batch where it ends (one host read, at the domain boundary)."""
+    return {f"domain_end/{name}/{key}": value for key, value in domain.result().items()
+            if isinstance(value, (int, float)) and not isinstance(value, bool)}
+
+
 def run(
     method: Method,
     stream: Iterable[Batch],
@@ -186,11 +193,15 @@ def run(
         from .monitor import watch
 
         monitor = watch(method)
+    step = tracker.done  # batches done (the logged points' step)
     for i, batch in enumerate(tracker.batches(stream), start=tracker.done):
+        step = i + 1
         if check_label_range and batch.labels.device.type == "cpu":
             check_labels(batch.labels, method.num_classes, open_set)
         if batch.domain != current:
             tracker.domain_end(stream, current)
+            if logger is not None and current is not None:  # the finished domain's row, as it ends
+                logger.log_metrics(i, domain_point(current, metrics[current]))
             if current is not None and reset_each_domain:
                 method.reset()
                 if rate is not None:
@@ -231,6 +242,8 @@ def run(
                                                      selection.get(current) if track_selection else None,
                                                      point.tick(i + 1)))
     tracker.domain_end(stream, current)  # the last domain's end
+    if logger is not None and current in metrics:
+        logger.log_metrics(step, domain_point(current, metrics[current]))
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     wall = tracker.wall_before + time.perf_counter() - start  # earlier sessions of a resumed run included
