@@ -8,6 +8,10 @@ keeps its file store in maintenance mode behind ``MLFLOW_ALLOW_FILE_STORE=true``
 backend sets for a ``file:`` store it uses). Hyperparameters are params (values cut to
 MLflow's length limit), the per-batch curves metrics with ``step=batch``, the summary rows metrics
 without a step, and the table and figure artifacts. Read them back with ``mlflow.tracking.MlflowClient``.
+
+The parent is looked up, then made: jobs of a launcher that starts them at the same moment in
+parallel processes may each make one (all tagged with the same ``tta.sweep``, so they stay
+findable); Hydra's default launcher runs jobs one after the other and makes exactly one.
 """
 from __future__ import annotations
 
