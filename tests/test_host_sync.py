@@ -226,3 +226,62 @@ def test_engine_loop_has_no_host_sync_between_log_points(name):
     assert not stream.counter.ops, stream.counter.report()
     assert set(out["results"]["domains"]) == {"gaussian_noise", "contrast"}
     assert out["stats"]["counters"]["batches"] == len(batches)
+
+
+class _RecordingLogger:
+    """A run logger that keeps what it is handed."""
+
+    def __init__(self):
+        self.points, self.summary = [], {}
+
+    def log_metrics(self, step, metrics):
+        self.points.append((step, dict(metrics)))
+
+    def log_summary(self, summary):
+        self.summary.update(summary)
+
+
+@pytest.mark.parametrize("name", ["tent", "eata"])
+def test_a_logger_reads_only_at_its_log_points(name, monkeypatch):
+    """With a run logger attached (and the step monitor it brings), the step and the loop stay
+    sync-free: every host read between the second batch and the end of the stream happens inside
+    the engine's log point (:func:`tta.engine.progress_point`), every ``log_every`` batches."""
+    batches = _engine_batches(("gaussian_noise", "contrast"), per_domain=3)
+    stream = _CountedStream(batches, start=1)
+    counter = stream.counter
+    inside = []
+    original = engine.progress_point
+
+    def point(*args, **kwargs):  # the log point's reads are not counted: they are the logger's cadence
+        counter.ops, saved = Counter(), counter.ops
+        try:
+            return original(*args, **kwargs)
+        finally:
+            inside.append(sum(counter.ops.values()))
+            counter.ops = saved
+
+    monkeypatch.setattr(engine, "progress_point", point)
+    original_domain = engine.domain_point
+
+    def domain(*args, **kwargs):  # a finished domain's row: read at the domain boundary, not counted either
+        counter.ops, saved = Counter(), counter.ops
+        try:
+            return original_domain(*args, **kwargs)
+        finally:
+            counter.ops = saved
+
+    monkeypatch.setattr(engine, "domain_point", domain)
+    logger = _RecordingLogger()
+    method = build(name)
+    out = engine.run(method, stream, device="cpu", progress=False, log_every=2, logger=logger)
+    assert not counter.ops, counter.report()  # 0 syncs per batch outside the log points
+    curves = [(step, point) for step, point in logger.points if "batch/accuracy" in point]
+    assert [step for step, _ in curves] == [2, 4, 6]
+    assert len(inside) == 3 and all(n > 0 for n in inside)  # the reads happen there (the counter sees them)
+    rows = {step: point for step, point in logger.points if "batch/accuracy" not in point}
+    assert sorted(rows) == [3, 6]  # each domain's row as it ends
+    assert rows[3]["domain_end/gaussian_noise/accuracy"] == out["results"]["domains"]["gaussian_noise"]["accuracy"]
+    first = curves[0][1]
+    assert {"batch/accuracy", "batch/entropy", "batch/effective_classes", "batch/step_time_ms"} <= set(first)
+    assert "batch/loss" in first and ("batch/kept_pct/learned" in first)
+    assert logger.summary["domain/contrast/accuracy"] == out["results"]["domains"]["contrast"]["accuracy"]

@@ -36,7 +36,7 @@ import torch
 CHECKPOINT_NAME = "checkpoint.pt"
 CHECKPOINT_VERSION = 1
 #: configuration keys that may differ between a run and its resumption (they change no result)
-VOLATILE_KEYS = ("resume", "overwrite", "checkpoint_every", "progress")
+VOLATILE_KEYS = ("resume", "overwrite", "checkpoint_every", "progress", "logger", "log_every", "logger_options")
 
 
 # ---------------------------------------------------------------------------------------- files

@@ -8,7 +8,8 @@ for the methods that use them), optionally runs the frozen source model on the s
 accumulates accuracy, NLL and ECE on the device, and for methods that learn from the samples of a batch
 the selection diagnostics of each policy stage (:class:`~tta.metrics.SelectionMetrics`: kept, and how
 many of the kept were predicted right; the returned ``selection``). The host reads them at the end of each domain and
-every ``log_every`` batches for the progress bar.
+every ``log_every`` batches for the progress bar, and, with a run ``logger`` (:mod:`tta.loggers`),
+for one point of per-batch curves (:func:`progress_point`).
 
 With ``stream_rate=eta > 0`` the loop follows the stream-rate protocol (:mod:`tta.stream_rate`;
 Alfarra et al., ICML 2024): after each adapted batch the method misses ``ceil(eta * C) - 1``
@@ -64,6 +65,56 @@ def check_labels(labels: torch.Tensor, num_classes: int, open_set: bool = False)
                          f"got min {seen_min}, max {seen_max}")
 
 
+class _PointClock:
+    """Wall time per batch between two logged points (read after the point's host reads, so on a
+    GPU it is the time the batches took, not the time to queue them)."""
+
+    def __init__(self, start: float, done: int):
+        self.time, self.batch = start, done
+
+    def tick(self, batch: int) -> float:
+        now = time.perf_counter()
+        per_batch = (now - self.time) / max(batch - self.batch, 1)
+        self.time, self.batch = now, batch
+        return per_batch
+
+
+def progress_point(method: Method, monitor: Any, domain: DomainMetrics, selection: SelectionMetrics | None,
+                   batch_seconds: float) -> dict[str, float]:
+    """One point of the per-batch curves (``batch/...``; the logger's cadence, a few host reads):
+    the current domain's running ``accuracy`` (%), per selection stage the running ``kept_pct`` and
+    ``precision`` (%), the window's mean ``loss``, mean prediction ``entropy`` (nats),
+    ``effective_classes`` (exp of the entropy of the predicted-class histogram), the method's mean
+    call time ``step_time_ms`` and the wall ``batch_time_ms``, and the counters ``steps``,
+    ``skipped`` (empty or non-finite) and ``guard_resets``."""
+    snap = monitor.snapshot(method)
+    out: dict[str, Any] = {"batch/accuracy": 100 * domain.running_accuracy(), "batch/loss": snap["loss"],
+                           "batch/entropy": snap["entropy"], "batch/effective_classes": snap["effective_classes"],
+                           "batch/batch_time_ms": 1000 * batch_seconds}
+    if snap["latency_s"]:
+        out["batch/step_time_ms"] = 1000 * sum(snap["latency_s"]) / len(snap["latency_s"])
+    counters = snap["counters"]
+    out["batch/steps"] = counters.get("steps")
+    out["batch/skipped"] = counters.get("skipped_empty", 0) + counters.get("skipped_nonfinite", 0)
+    if "guard_resets" in counters:
+        out["batch/guard_resets"] = counters["guard_resets"]
+    if selection is not None:
+        result = selection.result()
+        for key, rates in [*result["stages"].items(), ("learned", result["learned"])]:
+            if rates.get("kept_frac") is not None:
+                out[f"batch/kept_pct/{key}"] = 100 * rates["kept_frac"]
+            if rates.get("precision") is not None:
+                out[f"batch/precision/{key}"] = 100 * rates["precision"]
+    return {k: float(v) for k, v in out.items() if v is not None}
+
+
+def domain_point(name: str, domain: DomainMetrics) -> dict[str, float]:
+    """A finished domain's row (``domain_end/<domain>/<metric>``: accuracy, NLL, ECE, ...), logged
+    at the batch where it ends (one host read, at the domain boundary)."""
+    return {f"domain_end/{name}/{key}": value for key, value in domain.result().items()
+            if isinstance(value, (int, float)) and not isinstance(value, bool)}
+
+
 def run(
     method: Method,
     stream: Iterable[Batch],
@@ -84,6 +135,7 @@ def run(
     checkpoint_every: int = 0,
     stream_rate: float = 0.0,
     relative_cost: float | None = None,
+    logger: Any | None = None,
 ) -> dict[str, Any]:
     """Adapt ``method`` online over ``stream`` and return results, counters and timings.
 
@@ -100,6 +152,11 @@ def run(
         stream_rate: ``eta`` of the stream-rate protocol (:mod:`tta.stream_rate`); 0 (default): the
             offline protocol, every batch adapted. relative_cost: a declared ``C`` (no timing);
             ``None``: measured per adapted batch. What happened is returned under ``stream_rate``.
+        logger: a run logger (:class:`tta.loggers.RunLogger`): every ``log_every`` batches, at the
+            progress bar's cadence, a point of per-batch curves (:func:`progress_point`, read from
+            the device accumulators there, never in the step: a :class:`~tta.monitor.StepMonitor`
+            is attached to the method for the loss, entropy and predicted classes), and at the end
+            the summary rows (:func:`tta.loggers.summary_rows`).
     """
     device = torch.device(device) if device is not None else next(method.parameters()).device
     method.prepare(device=device, channels_last=channels_last, compile=compile, fast=fast)
@@ -130,11 +187,21 @@ def run(
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
     current = tracker.current
+    point = _PointClock(start, tracker.done) if logger is not None else None
+    monitor = None
+    if logger is not None:
+        from .monitor import watch
+
+        monitor = watch(method)
+    step = tracker.done  # batches done (the logged points' step)
     for i, batch in enumerate(tracker.batches(stream), start=tracker.done):
+        step = i + 1
         if check_label_range and batch.labels.device.type == "cpu":
             check_labels(batch.labels, method.num_classes, open_set)
         if batch.domain != current:
             tracker.domain_end(stream, current)
+            if logger is not None and current is not None:  # the finished domain's row, as it ends
+                logger.log_metrics(i, domain_point(current, metrics[current]))
             if current is not None and reset_each_domain:
                 method.reset()
                 if rate is not None:
@@ -170,7 +237,13 @@ def run(
             bar.update(1)
             if (i + 1) % log_every == 0:
                 bar.set_postfix(domain=current, acc=f"{metrics[current].running_accuracy():.3f}")
+        if point is not None and (i + 1) % log_every == 0:  # the host reads the device values here only
+            logger.log_metrics(i + 1, progress_point(method, monitor, metrics[current],
+                                                     selection.get(current) if track_selection else None,
+                                                     point.tick(i + 1)))
     tracker.domain_end(stream, current)  # the last domain's end
+    if logger is not None and current in metrics:
+        logger.log_metrics(step, domain_point(current, metrics[current]))
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     wall = tracker.wall_before + time.perf_counter() - start  # earlier sessions of a resumed run included
@@ -179,6 +252,11 @@ def run(
     domains = {name: m.result() for name, m in metrics.items()}
     summarize = getattr(stream, "summarize", None)  # a setting may score its domains its own way (forgetting)
     results = summarize(domains) if callable(summarize) else {"mean": mean_over_domains(domains), "domains": domains}
+    selection_record = selection_summary(selection) if track_selection else None
+    if logger is not None:
+        from .loggers import summary_rows
+
+        logger.log_summary({**summary_rows(results, selection_record), "wall_time_s": wall})
     return {
         "results": results,
         "stats": method.stats(),
@@ -186,6 +264,6 @@ def run(
         "wall_time_s": wall,
         "peak_memory_mb": peak_memory_mb(device),
         "speed": {**method.speed.as_dict(), "amp": amp, "channels_last": channels_last},
-        "selection": selection_summary(selection) if track_selection else None,
+        "selection": selection_record,
         "stream_rate": rate.record() if rate is not None else None,
     }

@@ -194,6 +194,15 @@ def check_run_config(cfg: dict[str, Any]) -> None:
     every = cfg.get("checkpoint_every", 0)
     if not (isinstance(every, int) and not isinstance(every, bool) and every >= 0):
         errors.append(f"checkpoint_every must be an integer >= 0 (0: no checkpoints), got {every!r}")
+    log_every = cfg.get("log_every", 10)
+    if not (isinstance(log_every, int) and not isinstance(log_every, bool) and log_every >= 1):
+        errors.append(f"log_every must be an integer >= 1, got {log_every!r}")
+    try:
+        from .loggers import parse_names
+
+        parse_names(cfg.get("logger"))
+    except ValueError as error:
+        errors.append(str(error))
     for key in ("resume", "overwrite", "amp", "channels_last", "compile", "fast", "source_accuracy", "progress",
                 "shuffle"):
         if key in cfg and not isinstance(cfg[key], bool):
@@ -275,12 +284,14 @@ def build_classifier(cfg: dict[str, Any], data: dict[str, Any], num_classes: int
                            templates=data.get("templates") or "single")
 
 
-def execute(cfg: dict[str, Any], out_dir: Path, overrides: list[str] | None = None) -> dict[str, Any]:
+def execute(cfg: dict[str, Any], out_dir: Path, overrides: list[str] | None = None,
+            sweep: Path | None = None) -> dict[str, Any]:
     """Run one configuration (a plain dict) into ``out_dir`` and write its outputs; returns the record.
 
     First the run folder (module docstring: a finished run is replaced only with ``overwrite``,
     an unfinished one is continued with ``resume``) and the values are checked; a run that fails
     after that writes ``run.json`` with ``"status": "failed"`` and the error, then re-raises.
+    ``sweep``: the sweep folder of a multirun job (the run loggers group its runs by it).
     """
     from .checkpoint import CHECKPOINT_NAME
     from .record import failed_record, write_json
@@ -302,7 +313,7 @@ def execute(cfg: dict[str, Any], out_dir: Path, overrides: list[str] | None = No
     try:
         check_run_config(cfg)
         session = _Session(cfg, out_dir, continuing)
-        return _execute(cfg, out_dir, overrides, session)
+        return _execute(cfg, out_dir, overrides, session, sweep)
     except BaseException as error:  # a KeyboardInterrupt is recorded too, then re-raised
         write_json(out_dir / "run.json", failed_record(config=cfg, error=error, wall_time_s=time.time() - started,
                                                        checkpoint=(out_dir / CHECKPOINT_NAME).is_file()))
@@ -363,19 +374,16 @@ class _Session:
 
 
 def _execute(cfg: dict[str, Any], out_dir: Path, overrides: list[str] | None = None,
-             session: _Session | None = None) -> dict[str, Any]:
+             session: _Session | None = None, sweep: Path | None = None) -> dict[str, Any]:
     """The run itself (:func:`execute` checks the folder and records a failure).
 
     ``overrides``: Hydra's task overrides, which tell the method keys the command line set (the
     benchmark protocol fills the others, :func:`tta.protocols.for_run`); ``None``: a method value
     that differs from the method default counts as set."""
     from . import protocols
-    from . import engine
     from .data.benchmarks import build_stream, num_classes_of
     from .provide import RunParts, provide_inputs
     from .data.folders import fit_preprocess_to_model
-    from .record import build_record, write_json
-    from .report import bar_chart, domain_table, stream_rate_summary
     from .stream_rate import check_stream_rate, resolve_relative_cost
 
     seed_everything(cfg["seed"])
@@ -410,10 +418,53 @@ def _execute(cfg: dict[str, Any], out_dir: Path, overrides: list[str] | None = N
     evaluation = dict(cfg.get("eval") or {})
     stream_rate = check_stream_rate(evaluation.get("stream_rate") or 0)
     relative_cost = resolve_relative_cost(evaluation.get("relative_cost"), method_name) if stream_rate else None
+    loggers = open_loggers(cfg, out_dir, method_name, overrides, sweep)
+    if loggers is not None:
+        loggers.log_hparams({"config": cfg, "protocol": protocol_record, "method": method.hparams()})
+    try:
+        record = _adapt_and_write(cfg, out_dir, data, method_name, method, classifier, stream, source, device, parts,
+                                  protocol_record, session, stream_rate, relative_cost, resumable, engine_options,
+                                  loggers)
+    except BaseException:
+        if loggers is not None:
+            loggers.close(failed=True)
+        raise
+    if loggers is not None:
+        for name in OUTPUTS:
+            loggers.log_artifact(out_dir / name)
+        loggers.close()
+    return record
+
+
+def open_loggers(cfg: dict[str, Any], out_dir: Path, method_name: str, overrides: list[str] | None,
+                 sweep: Path | None):
+    """The run loggers ``logger=`` names (:mod:`tta.loggers`; ``None`` when none): named after the
+    sweep's overrides (or the method), grouped by the sweep folder in a multirun."""
+    from .loggers import build_loggers, parse_names
+
+    if not parse_names(cfg.get("logger")):
+        return None
+    options = dict(cfg.get("logger_options") or {})
+    group = options.get("group") or (str(sweep) if sweep is not None else None)
+    name = ",".join(overrides or []) or method_name
+    return build_loggers(cfg.get("logger"), out_dir=out_dir, name=name, group=group, group_dir=sweep,
+                         project=options.get("project") or "tta",
+                         options={k: v for k, v in options.items() if isinstance(v, dict)})
+
+
+def _adapt_and_write(cfg, out_dir, data, method_name, method, classifier, stream, source, device, parts,
+                     protocol_record, session, stream_rate, relative_cost, resumable, engine_options,
+                     loggers) -> dict[str, Any]:
+    """The online run and its outputs (run.json, results.md, results.png)."""
+    from . import engine
+    from .record import build_record, write_json
+    from .report import bar_chart, domain_table, stream_rate_summary
+
     outcome = engine.run(method, stream, source_model=source, device=device, amp=cfg.get("amp", False),
                          channels_last=cfg.get("channels_last", False), compile=cfg.get("compile", False),
                          fast=cfg.get("fast", False), stream_rate=stream_rate, relative_cost=relative_cost,
-                         progress=cfg.get("progress", True), **resumable, **engine_options)
+                         progress=cfg.get("progress", True), logger=loggers,
+                         log_every=int(cfg.get("log_every", 10) or 10), **resumable, **engine_options)
     record = build_record(config=cfg, model_info=classifier.info.to_dict(), method_hparams=method.hparams(),
                           stream_info=stream.describe(), outcome=outcome, device=device)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -448,8 +499,10 @@ def main() -> None:
     def _main(cfg) -> None:
         started = time.time()
         plain = OmegaConf.to_container(cfg, resolve=True)
-        out_dir = Path(HydraConfig.get().runtime.output_dir)
-        execute(plain, out_dir, overrides=list(HydraConfig.get().overrides.task))
+        hydra_cfg = HydraConfig.get()
+        out_dir = Path(hydra_cfg.runtime.output_dir)
+        sweep = Path(hydra_cfg.sweep.dir) if str(hydra_cfg.mode) == "RunMode.MULTIRUN" else None
+        execute(plain, out_dir, overrides=list(hydra_cfg.overrides.task), sweep=sweep)
         log.info("finished in %.1f s", time.time() - started)
 
     _main()

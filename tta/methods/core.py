@@ -25,6 +25,7 @@ import contextlib
 import copy
 import functools
 import threading
+import time
 import warnings
 from typing import Any, Callable, ClassVar, Iterable, Mapping, Sequence
 
@@ -536,18 +537,27 @@ class Method(nn.Module):
             kept_n = known[1] if known is not None and known[0] is weights else int((weights > 0).sum())
             if require_nonempty and kept_n == 0:
                 return self.skip_step(weights, kept=0)
-            ok = self.update(loss() if callable(loss) else loss, True, host=True)
+            loss = loss() if callable(loss) else loss
+            self._observe_loss(loss)
+            ok = self.update(loss, True, host=True)
             self._record_step_on_host(self.update.stepped, kept_n, None, require_nonempty, 1)
             return ok
         if require_nonempty and self.empty_selection(weights):
             return self.skip_step(weights)
         if callable(loss):
             loss = loss()
+        self._observe_loss(loss)
         kept = (weights > 0).sum()
         gate = kept > 0 if require_nonempty else torch.ones((), dtype=torch.bool, device=kept.device)
         ok = self.update(loss, gate, host=self._host_guard)
         self.record_step(ok, kept, require_nonempty=require_nonempty)
         return ok
+
+    def _observe_loss(self, loss: torch.Tensor | None) -> None:
+        """Hand the step's loss to the attached :class:`~tta.monitor.StepMonitor`, if any (device ops only)."""
+        monitor = self._modules.get("step_monitor")
+        if monitor is not None and loss is not None:
+            monitor.observe_loss(loss)
 
     def check_input(self, x: torch.Tensor) -> None:
         """Refuse a batch before any counter or weight moves (:func:`check_batch`): shape, dtype and
@@ -713,6 +723,8 @@ class Method(nn.Module):
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         with self.lock:
+            monitor = self._modules.get("step_monitor")  # tta.monitor: this call's statistics, on the device
+            started = time.perf_counter() if monitor is not None else 0.0
             try:
                 with self.speed_context(args[0] if args else kwargs.get("x")):
                     out = super().__call__(*args, **kwargs)
@@ -723,6 +735,8 @@ class Method(nn.Module):
             guard = self._modules.get("collapse_guard")
             if guard is not None:
                 guard.observe(self, out)
+            if monitor is not None:
+                monitor.observe(out, time.perf_counter() - started)
             return out
 
     def __getstate__(self) -> dict[str, Any]:

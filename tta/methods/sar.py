@@ -117,6 +117,7 @@ class SAR(BatchMethod):
         if self._host_guard and self.step_on_empty and self._zero_gradient_step(logits, weights):
             return logits.detach()
         loss = weighted_mean(ctx.entropy, weights)
+        self._observe_loss(loss)  # the first (unperturbed) loss, for an attached monitor
         ok_first = loss.detach().isfinite()
         loss.backward()
         self.sam.ascend(ok_first)

@@ -135,6 +135,7 @@ class SoTTA(BatchMethod):
         ctx.extras.update(slots=slots, ages=policy.memory.ages.index_select(0, slots))
         weights = self.select(ctx)
         loss = weighted_mean(entropy_loss_terms(logits, self.temperature), weights)
+        self._observe_loss(loss)  # the first (unperturbed) loss, for an attached monitor
         ok_first = loss.detach().isfinite()
         loss.backward()
         self.sam.ascend(ok_first)

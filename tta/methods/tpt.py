@@ -179,6 +179,7 @@ class TPT(ViewMethod):
         """Backward of the (scaled) loss and a guarded AdamW step, skipped on inf/NaN (GradScaler)."""
         if self.scaler is None:
             return self.step(loss, weights)
+        self._observe_loss(loss)
         (loss.float() * self.scaler.scale.squeeze(0)).backward()
         params = self.adapted_parameters()
         found_inf = self.scaler.unscale_(params)
