@@ -26,8 +26,8 @@
 set -euo pipefail
 
 OUT=${OUT:-multirun/matrix}
-METHODS=${METHODS:-source,norm,tent,eta,eata,sar,deyo,crowds,eata_c,rdumb,lame,cotta,rotta,sotta,roid}
-COMBOS=${COMBOS-method=tent policies.extra=[rotta_memory];method=eta policies.extra=[sotta_memory];method=cotta policies.extra=[entropy_margin]}
+METHODS=${METHODS-source,norm,tent,eta,eata,sar,deyo,crowds,eata_c,rdumb,lame,cotta,rotta,sotta,roid}
+COMBOS=${COMBOS-method=tent policies.extra=[rotta_memory];method=eta policies.extra=[sotta_memory];method=tent policies.extra=[roid_weight]}
 MODELS=${MODELS:-digits_cnn,digits_gn}
 SEEDS=${SEEDS:-0,1,2}
 SETTINGS=${SETTINGS:-reset_each_shift continual label_shift bs1 mixed_domains stream_rate ccc}
@@ -39,7 +39,8 @@ PYTHON=${PYTHON:-python}
 
 mkdir -p "$OUT"
 start=$(date +%s)
-groups=("method=$METHODS")
+groups=()
+[[ -n $METHODS ]] && groups+=("method=$METHODS")  # empty METHODS: only the combinations
 IFS=';' read -r -a combos <<< "$COMBOS"
 for combo in ${combos[@]+"${combos[@]}"}; do [[ -n ${combo// } ]] && groups+=("$combo"); done
 for setting in $SETTINGS; do
