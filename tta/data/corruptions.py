@@ -104,7 +104,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["CORRUPTIONS", "EXTRA_CORRUPTIONS", "ALL_CORRUPTIONS", "RGB_CORRUPTIONS", "corrupt", "supports_channels"]
+__all__ = ["CORRUPTIONS", "EXTRA_CORRUPTIONS", "ALL_CORRUPTIONS", "RGB_CORRUPTIONS", "corrupt", "corruption_parameters",
+           "severity_anchors", "supports_channels"]
 
 CORRUPTIONS: tuple[str, ...] = (
     "gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "glass_blur", "motion_blur",
