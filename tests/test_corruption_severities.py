@@ -169,3 +169,13 @@ def test_fractional_runs_on_the_device_dtype_and_shape():
         out = corrupt(x, name, 3.25)
         assert out.shape == x.shape and out.dtype == x.dtype
         assert float(out.min()) >= 0 and float(out.max()) <= 1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", ALL_CORRUPTIONS)
+def test_fractional_cuda_matches_cpu(name):
+    x = _images(3)
+    cpu = corrupt(x, name, 2.75, seed=2)
+    cuda = corrupt(x.cuda(), name, 2.75, seed=2)
+    assert cuda.is_cuda
+    assert float((cuda.cpu() - cpu).abs().mean()) < 1e-4
