@@ -901,11 +901,24 @@ def _lerp(low, high, t: float):
     return (float(high) - float(low)) * t + float(low)
 
 
-@functools.lru_cache(maxsize=512)
 def corruption_parameters(name: str, severity: float):
-    """The parameters corruption ``name`` runs with at a fractional ``severity`` in (0, 5): the
-    anchors of :func:`severity_anchors` interpolated linearly, then rounded or converted as the
-    CCC reference does (module docstring). Computed on the host, once per (name, severity)."""
+    """The parameters corruption ``name`` runs with at ``severity`` (a real number in [0, 5]): the
+    integer table's entry at 1..5, ``None`` at 0 (nothing is applied), and at a fractional
+    severity the anchors of :func:`severity_anchors` interpolated linearly, then rounded or
+    converted as the CCC reference does (module docstring). Computed on the host, once per
+    (name, severity)."""
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown corruption {name!r}; valid names: {', '.join(ALL_CORRUPTIONS)}")
+    severity = _check_severity(severity)
+    if severity == 0:
+        return None
+    if isinstance(severity, int):
+        return _REGISTRY[name][1][severity - 1]
+    return _interpolated_parameters(name, severity)
+
+
+@functools.lru_cache(maxsize=512)
+def _interpolated_parameters(name: str, severity: float):
     k = math.floor(severity)
     anchors = severity_anchors(name)
     value = _lerp(anchors[k], anchors[k + 1], severity - k)
@@ -999,10 +1012,7 @@ def corrupt(images: Tensor, name: str, severity: "float", seed: int = 0,
     if severity == 0:
         return images.clamp(0, 1)
     function, table = _REGISTRY[name]
-    if isinstance(severity, int):
-        parameters = table[severity - 1]
-    else:
-        parameters = corruption_parameters(name, severity)
+    parameters = table[severity - 1] if isinstance(severity, int) else _interpolated_parameters(name, severity)
     work_dtype = torch.float64 if images.dtype == torch.float64 else torch.float32
     x = images.to(work_dtype).clamp(0, 1)
     rng = _SampleRng(int(seed), name, severity, ids)
