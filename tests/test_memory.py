@@ -273,3 +273,17 @@ def test_a_run_records_the_memory_diagnostics():
     m.update_memory(method.policies[0].memory.begin_batch(), labels[:16])
     saved = load_accumulators(accumulators_state({"d": m}), torch.device("cpu"))["d"]
     assert torch.equal(saved.memory, m.memory) and saved.memory.tolist() == [0, 0, 0, 0, 0]
+
+
+def test_a_state_saved_before_the_diagnostics_loads():
+    """A memory state without the diagnostics' buffers (``truth``, ``arrival``) loads: labels unknown."""
+    from tta.policies import SoTTAMemory
+    from tta.policies.memory import UNKNOWN
+
+    policy = SoTTAMemory(num_classes=3, capacity=4, threshold=0.5)
+    policy.admit(torch.rand(2, 3, 4, 4), _confident([0, 1]))
+    state = {k: v for k, v in policy.state_dict().items() if not k.endswith(("truth", "arrival"))}
+    other = SoTTAMemory(num_classes=3, capacity=4, threshold=0.5)
+    other.load_state_dict(state)
+    assert torch.equal(other.memory.occupied, policy.memory.occupied)
+    assert other.memory.truth.tolist() == [UNKNOWN] * 4 and other.memory.arrival.tolist() == [-1] * 4
