@@ -14,14 +14,11 @@ import torch
 import torch.nn.functional as F
 
 from tiny_clip import build_tiny_clip, write_image_folder
+from tpt_reference import CLASSES, OfficialPromptCLIP, official_ctpt
 from tta.methods import build
 from tta.metrics import DomainMetrics
 from tta.models.clip import load_clip_classifier
 from tta.objectives import text_feature_dispersion, weighted_marginal_entropy
-
-CLASSES = ["goldfish", "red fox", "tabby cat", "great white shark", "axolotl"]
-MEAN = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
-STD = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
 
 
 @pytest.fixture(scope="session")
@@ -34,66 +31,6 @@ def make(spec: str, name: str = "ctpt", **kwargs):
 
 
 # ------------------------------------------------------------------ the official code, re-derived
-def select_confident_samples(logits, top):
-    batch_entropy = -(logits.softmax(1) * logits.log_softmax(1)).sum(1)
-    idx = torch.argsort(batch_entropy, descending=False)[:int(batch_entropy.size()[0] * top)]
-    return logits[idx], idx
-
-
-def avg_entropy(outputs):
-    logits = outputs - outputs.logsumexp(dim=-1, keepdim=True)
-    avg_logits = logits.logsumexp(dim=0) - math.log(logits.shape[0])
-    avg_logits = torch.clamp(avg_logits, min=torch.finfo(avg_logits.dtype).min)
-    return -(avg_logits * torch.exp(avg_logits)).sum(dim=-1)
-
-
-class OfficialCTPTCLIP:
-    """``ClipTestTimeTuning`` with ``l2_norm_cal`` on the same open_clip weights (77-token prompts)."""
-
-    def __init__(self, clip, tokenizer, names):
-        self.clip = clip
-        tokens = tokenizer([f"a photo of a {n}." for n in names])
-        with torch.no_grad():
-            init = clip.token_embedding(tokenizer(["a photo of a"]))[0, 1:5].clone()
-            emb = clip.token_embedding(tokens)
-        self.tokens, self.prefix, self.suffix = tokens, emb[:, :1], emb[:, 5:]
-        self.ctx_init_state = init
-        self.ctx = torch.nn.Parameter(init.clone())
-
-    def get_text_features(self):
-        prompts = torch.cat([self.prefix, self.ctx.unsqueeze(0).expand(len(self.tokens), -1, -1), self.suffix], 1)
-        x = prompts + self.clip.positional_embedding
-        x = self.clip.ln_final(self.clip.transformer(x, attn_mask=self.clip.attn_mask))
-        t = x[torch.arange(x.shape[0]), self.tokens.argmax(dim=-1)] @ self.clip.text_projection
-        return t / t.norm(dim=-1, keepdim=True)
-
-    def __call__(self, images):
-        with torch.no_grad():
-            image = self.clip.encode_image((images - MEAN) / STD)
-        text = self.get_text_features()
-        image = image / image.norm(dim=-1, keepdim=True)
-        # [c-tpt]: custom_clip.py:320-330
-        prompt_mean = text.mean(0)
-        self.l2_norm_mean_training = torch.linalg.norm(text - prompt_mean, dim=-1).mean()
-        return self.clip.logit_scale.exp() * image @ text.t()
-
-
-def official_ctpt(model, views, optimizer, optim_state, scaler, lambda_, selection=0.1):
-    """Reset, ``test_time_tuning`` with run_type tpt_ctpt and one step, then predict on view 0."""
-    with torch.no_grad():
-        model.ctx.copy_(model.ctx_init_state)
-    optimizer.load_state_dict(optim_state)
-    output, selected = select_confident_samples(model(views), selection)
-    loss = avg_entropy(output)
-    loss += (-lambda_ * model.l2_norm_mean_training)
-    optimizer.zero_grad()
-    scaler.scale(loss).backward()
-    scaler.step(optimizer)
-    scaler.update()
-    with torch.no_grad():
-        return model(views[:1]), selected, loss
-
-
 def ece_loss(num_bins, confidences, correct):
     """``ECE_Loss`` (``tpt_classification.py:43-76``)."""
     bounds = torch.linspace(0, 1, num_bins + 1)
@@ -124,7 +61,7 @@ def test_one_image_matches_the_official_step(tiny_spec):
     views = method.views(x, ids=[4])[0]
     ours = method(x, ids=[4])
     clip = load_clip_classifier(tiny_spec[5:], class_names=CLASSES).net
-    official = OfficialCTPTCLIP(clip.clip.requires_grad_(False), clip.tokenizer, CLASSES)
+    official = OfficialPromptCLIP(clip.clip.requires_grad_(False), clip.tokenizer, CLASSES, l2_norm_cal=True)
     optimizer = torch.optim.AdamW([official.ctx], 5e-3)
     expected, selected, loss = official_ctpt(official, views, optimizer, optimizer.state_dict(),
                                              torch.amp.GradScaler("cpu", init_scale=1000), 50.0)

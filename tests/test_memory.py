@@ -182,3 +182,108 @@ def test_impossible_memory_combinations_name_both_sides():
         methods.build("tent", load_classifier("digits_cnn"), extra_policies=["rotta_memory", "rotta_memory"])
     with pytest.raises(ValueError, match="steps=2"):
         methods.build("tent", load_classifier("digits_cnn"), steps=2, extra_policies=["rotta_memory"])
+
+
+# ---------------------------------------------------------------- selection diagnostics of a memory
+def _confident(classes):
+    """Logits whose softmax puts ~1 on each listed class; ``None``: a flat, unsure row."""
+    return torch.stack([torch.zeros(3) if c is None else torch.nn.functional.one_hot(torch.tensor(c), 3) * 20.0
+                        for c in classes])
+
+
+def test_memory_diagnostics_count_a_hand_stream():
+    """SoTTA's memory (capacity 3, threshold 0.9, 3 classes) on a stream where every decision is
+    known: admitted, evicted, and the precision of the pseudo-labels of what each update trains on."""
+    from tta.metrics import SelectionMetrics
+    from tta.policies import SoTTAMemory
+    from tta.policies.memory import UNKNOWN
+
+    policy = SoTTAMemory(num_classes=3, capacity=3, threshold=0.9)
+    memory, metrics = policy.memory, SelectionMetrics("cpu")
+
+    def images(n):
+        return torch.rand(n, 3, 4, 4)
+
+    # batch 1: A (class 0, true 0), an unsure sample, B (class 2, true 1) -> A, B admitted; one update on both
+    record = memory.begin_batch()
+    mask, evicted = policy.admit(images(3), _confident([0, None, 2]))
+    record.admitted, record.evicted = mask.sum(), evicted
+    memory.trained_on(record, policy.training_slots())
+    metrics.update_memory(record, torch.tensor([0, 1, 1]))
+    assert mask.tolist() == [True, False, True] and evicted == 0
+    # batch 2: C (class 1) enters; its label is never handed over (a batch without diagnostics)
+    record = memory.begin_batch()
+    policy.admit(images(1), _confident([1]))
+    # batch 3 in two pieces (an update between them, as RoTTA's and SoTTA's update periods):
+    # z0 (class 0, true 0) evicts A (its own class, the only sample of it); update on B, C, z0;
+    # z1 (class 0, true 2) evicts z0 and takes its slot; update on B, C, z1
+    record = memory.begin_batch()
+    first, e1 = policy.admit(images(1), _confident([0]), offset=0)
+    memory.trained_on(record, policy.training_slots())
+    second, e2 = policy.admit(images(1), _confident([0]), offset=1)
+    memory.trained_on(record, policy.training_slots())
+    record.admitted, record.evicted = first.sum() + second.sum(), e1 + e2
+    metrics.update_memory(record, torch.tensor([0, 2]))
+    counts = metrics.result()["memory"]
+    # trained: 2 (batch 1) + 3 + 3; labelled: C never; right: A (batch 1), z0 (first update of batch 3)
+    assert {k: counts[k] for k in ("admitted", "evicted", "trained", "trained_labelled", "trained_correct")} == \
+        {"admitted": 4, "evicted": 2, "trained": 8, "trained_labelled": 6, "trained_correct": 2}
+    assert counts["precision"] == 2 / 6 and counts["admitted_frac"] is None  # no batch stage counted here
+    # the memory keeps the labels it was handed, class-major: z1 (2), C (unknown), B (1); no current batch
+    held = policy.training_slots()
+    assert memory.truth[held].tolist() == [2, UNKNOWN, 1] and memory.labels[held].tolist() == [0, 1, 2]
+    assert bool((memory.arrival == -1).all())
+
+
+def test_a_run_records_the_memory_diagnostics():
+    """Tent with the SoTTA memory through the engine: run.json's ``selection.memory`` agrees with the
+    method's own counters; a saved and reloaded accumulator gives the same numbers."""
+    from tta import engine
+    from tta.checkpoint import accumulators_state, load_accumulators
+    from tta.data.digits import load_digits_split
+    from tta.data.stream import Batch
+    from tta.metrics import SelectionMetrics
+
+    images, labels = load_digits_split("test")
+    method = methods.build("tent", load_classifier("digits_cnn"), batch_size=16, extra_policies=["sotta_memory"],
+                           policy_kwargs={"sotta_memory": {"capacity": 8, "threshold": 0.5}})
+    stream = [Batch(images[16 * i:16 * (i + 1)], labels[16 * i:16 * (i + 1)], f"d{i // 2}", torch.arange(16))
+              for i in range(4)]
+    out = engine.run(method, stream, progress=False)
+    memory = out["selection"]["memory"]
+    counters = out["stats"]["counters"]
+    assert memory["mean"]["admitted"] == counters["memory_admitted"] > 0
+    assert memory["mean"]["evicted"] == counters["memory_evicted"] > 0
+    assert sorted(memory["domains"]) == ["d0", "d1"] and memory["mean"]["n"] == 64
+    assert 0 < memory["mean"]["trained"] <= 4 * 8 and memory["mean"]["trained_labelled"] == memory["mean"]["trained"]
+    assert 0.0 <= memory["mean"]["precision"] <= 1.0
+    from tta.report import selection_table  # the report's selection table gains the memory's row
+    record = {"config": {"method": {"name": "tent"}, "policies": {"extra": ["sotta_memory"]}, "seed": 0,
+                         "setting": {"name": "reset_each_shift"}, "model": None},
+              "method": {"method": "tent"}, "model": {"spec": "digits_cnn"}, "results": out["results"],
+              "selection": out["selection"]}
+    table = selection_table([record])
+    lines = table.splitlines()
+    assert lines[-3].startswith("| run (sample memory) |")
+    row = lines[-1]
+    mean = memory["mean"]
+    assert row == (f"| tent+sotta_memory | {100 * mean['admitted'] / 64:.1f} | {mean['evicted']} | {mean['trained']} | "
+                   f"{100 * mean['precision']:.1f} |")
+    m = SelectionMetrics("cpu")  # a checkpoint carries the memory's counts
+    m.update_memory(method.policies[0].memory.begin_batch(), labels[:16])
+    saved = load_accumulators(accumulators_state({"d": m}), torch.device("cpu"))["d"]
+    assert torch.equal(saved.memory, m.memory) and saved.memory.tolist() == [0, 0, 0, 0, 0]
+
+
+def test_a_state_saved_before_the_diagnostics_loads():
+    """A memory state without the diagnostics' buffers (``truth``, ``arrival``) loads: labels unknown."""
+    from tta.policies import SoTTAMemory
+    from tta.policies.memory import UNKNOWN
+
+    policy = SoTTAMemory(num_classes=3, capacity=4, threshold=0.5)
+    policy.admit(torch.rand(2, 3, 4, 4), _confident([0, 1]))
+    state = {k: v for k, v in policy.state_dict().items() if not k.endswith(("truth", "arrival"))}
+    other = SoTTAMemory(num_classes=3, capacity=4, threshold=0.5)
+    other.load_state_dict(state)
+    assert torch.equal(other.memory.occupied, policy.memory.occupied)
+    assert other.memory.truth.tolist() == [UNKNOWN] * 4 and other.memory.arrival.tolist() == [-1] * 4

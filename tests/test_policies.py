@@ -168,6 +168,20 @@ def test_crowds_without_source_model_is_a_clear_error():
         policies.build("crowds")(ctx_for(fixed_logits()), torch.ones(12, dtype=torch.bool))
 
 
+@pytest.mark.parametrize("name,extra,forwards", [("crowds", [], 2), ("tent", ["crowds"], 2), ("tent", [], 1),
+                                                  ("eta", [], 1)])
+def test_the_frozen_source_pass_is_counted(name, extra, forwards):
+    """``crowds`` asks for the frozen source model's logits: one more forward per batch (per step)."""
+    import tta.methods as methods
+    from tta.models import load_classifier
+
+    method = methods.build(name, load_classifier("digits_cnn"), batch_size=8, extra_policies=extra)
+    for _ in range(2):
+        method(torch.rand(8, 3, 32, 32))
+    stats = method.stats()
+    assert stats["counters"]["forwards"] == 2 * forwards and stats["per_batch"]["forwards"] == forwards
+
+
 # ---------------------------------------------------------------- DeYO's transforms
 def test_patch_shuffle_permutes_tiles_per_image_and_is_seeded():
     x = torch.rand(5, 3, 32, 32)

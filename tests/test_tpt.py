@@ -3,24 +3,19 @@ episodic reset, the never-reset loss scaler, the tsallis policy, and the command
 from __future__ import annotations
 
 import json
-import math
 import os
 import subprocess
 import sys
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from tiny_clip import build_tiny_clip, write_image_folder
+from tpt_reference import CLASSES, OfficialPromptCLIP, official_avg_entropy, official_select, official_tpt
 from tta.methods import build
 from tta.models.clip import load_clip_classifier
 from tta.objectives import weighted_marginal_entropy
 from tta.policies import TPTConfidence
-
-CLASSES = ["goldfish", "red fox", "tabby cat", "great white shark", "axolotl"]
-MEAN = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
-STD = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
 
 
 @pytest.fixture(scope="session")
@@ -30,67 +25,6 @@ def tiny_spec(tmp_path_factory) -> str:
 
 def make_tpt(spec: str, **kwargs):
     return build("tpt", load_clip_classifier(spec[5:], class_names=CLASSES), **kwargs)
-
-
-# ------------------------------------------------------------------ the official computation, re-derived
-def official_select(logits, top):
-    entropy = -(logits.softmax(1) * logits.log_softmax(1)).sum(1)
-    idx = torch.argsort(entropy, descending=False)[: int(entropy.size()[0] * top)]
-    return logits[idx], idx
-
-
-def official_avg_entropy(outputs):
-    logits = outputs - outputs.logsumexp(dim=-1, keepdim=True)
-    avg = logits.logsumexp(dim=0) - math.log(logits.shape[0])
-    avg = torch.clamp(avg, min=torch.finfo(avg.dtype).min)
-    return -(avg * torch.exp(avg)).sum(dim=-1)
-
-
-class OfficialPromptCLIP:
-    """TPT's ``ClipTestTimeTuning`` on the same open_clip weights: 77-token prompts, no truncation."""
-
-    def __init__(self, clip, tokenizer, names):
-        self.clip = clip
-        tokens = tokenizer([f"a photo of a {n}." for n in names])
-        with torch.no_grad():
-            init = clip.token_embedding(tokenizer(["a photo of a"]))[0, 1:5].clone()
-            emb = clip.token_embedding(tokens)
-        self.tokens, self.prefix, self.suffix = tokens, emb[:, :1], emb[:, 5:]
-        self.ctx_init_state = init
-        self.ctx = torch.nn.Parameter(init.clone())
-
-    def text_features(self):
-        prompts = torch.cat([self.prefix, self.ctx.unsqueeze(0).expand(len(self.tokens), -1, -1), self.suffix], 1)
-        x = prompts + self.clip.positional_embedding
-        x = self.clip.ln_final(self.clip.transformer(x, attn_mask=self.clip.attn_mask))
-        x = x[torch.arange(x.shape[0]), self.tokens.argmax(dim=-1)] @ self.clip.text_projection
-        return F.normalize(x, dim=-1)
-
-    def __call__(self, images):
-        with torch.no_grad():
-            image = F.normalize(self.clip.encode_image((images - MEAN) / STD), dim=-1)
-        return self.clip.logit_scale.exp() * image @ self.text_features().T
-
-
-def official_tpt(model, views, optimizer, optim_state, scaler, selection=0.1, steps=1):
-    """``test_time_adapt_eval`` for one image: reset, tune, predict on view 0."""
-    with torch.no_grad():
-        model.ctx.copy_(model.ctx_init_state)
-    optimizer.load_state_dict(optim_state)
-    selected = None
-    for _ in range(steps):
-        output = model(views)
-        if selected is not None:
-            output = output[selected]
-        else:
-            output, selected = official_select(output, selection)
-        loss = official_avg_entropy(output)
-        optimizer.zero_grad()
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-    with torch.no_grad():
-        return model(views[:1]), selected, loss
 
 
 def test_marginal_entropy_and_selection_match_tpt():

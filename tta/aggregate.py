@@ -76,6 +76,21 @@ class Cell:
             return (block or {}).get(field_name)
         return Stat.of(value(r) for r in self.records)
 
+    def memory(self, field_name: str, domain: str | None = None) -> Stat:
+        """A sample memory's diagnostic (``admitted_frac``, ``evicted``, ``precision``, ...; run.json's
+        ``selection.memory``), pooled over domains (``domain=None``) or of one domain, over the seeds."""
+        def value(record: dict[str, Any]) -> float | None:
+            block = (record.get("selection") or {}).get("memory")
+            if not block:
+                return None
+            block = block.get("mean") if domain is None else block.get("domains", {}).get(domain)
+            return (block or {}).get(field_name)
+        return Stat.of(value(r) for r in self.records)
+
+    @property
+    def has_memory(self) -> bool:
+        return any(((r.get("selection") or {}).get("memory")) for r in self.records)
+
     @property
     def stages(self) -> list[str]:
         for record in self.records:

@@ -232,6 +232,9 @@ def run(
         if track_selection and adapted:  # the method's stage masks of this batch, on the device
             stages = method.__dict__.pop("last_selection", None) or {}
             selection.setdefault(current, SelectionMetrics(device)).update(stages, logits, labels)
+            memory = method.__dict__.pop("last_memory", None)  # a sample memory's events of this batch
+            if memory is not None:
+                selection[current].update_memory(memory, labels)
         tracker.batch_done(stream, current)  # the stream position; a checkpoint every ``checkpoint_every``
         if bar is not None:
             bar.update(1)

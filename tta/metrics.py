@@ -122,6 +122,9 @@ def mean_over_domains(domains: dict[str, dict[str, float]]) -> dict[str, float]:
 
 # ----------------------------------------------------------------------------- selection diagnostics
 SELECTION_FIELDS = ("seen", "kept", "kept_correct", "dropped_correct", "kept_ood")
+#: a sample memory's counts (:meth:`tta.policies.memory.SampleMemory.diagnose`): samples admitted and
+#: evicted, samples trained on (summed over the updates), of those with a known label, and right
+MEMORY_FIELDS = ("admitted", "evicted", "trained", "trained_labelled", "trained_correct")
 LOW_KEEP = 0.01
 """A stage that keeps less than this fraction of a domain's samples is warned about."""
 
@@ -142,12 +145,17 @@ class SelectionMetrics:
     returns for the batch (so mask and prediction come from one forward; the method's own policy
     counters count every step). SAR's second selection (at the SAM-perturbed weights) is the stage
     ``entropy_margin_sam``, judged on the first forward's prediction, the one SAR reports.
+
+    A method that trains from a sample memory (:mod:`tta.policies.memory`) also hands over the
+    batch's memory events (:meth:`update_memory`): admitted, evicted, and the pseudo-labels of the
+    memory's samples each update trained on, scored against their true labels (``memory``).
     """
 
     def __init__(self, device: torch.device | str):
         self.device = torch.device(device)
         self.counts: dict[tuple[str, ...], torch.Tensor] = {}  # stage keys -> (stages + 1, fields) counts
         self.n = torch.zeros((), dtype=torch.long, device=self.device)
+        self.memory: torch.Tensor | None = None  # MEMORY_FIELDS counts, once a memory reported
 
     def update(self, stages: Mapping[str, torch.Tensor], logits: torch.Tensor, labels: torch.Tensor) -> bool:
         """Add one batch; returns ``False`` (and adds nothing) when a mask is not one flag per sample
@@ -174,11 +182,22 @@ class SelectionMetrics:
         self.n += n
         return True
 
+    def update_memory(self, record: Any, labels: torch.Tensor) -> None:
+        """Add one batch's memory events (a :class:`tta.policies.memory.MemoryRecord`) given the
+        batch's labels (device operations; the memory stores the labels of the samples it took)."""
+        counts = record.memory.diagnose(record, labels).to(self.device)
+        self.memory = counts if self.memory is None else self.memory + counts
+
     def state_dict(self) -> dict[str, Any]:
-        return {"n": self.n, "counts": {"\x1f".join(k): v for k, v in self.counts.items()}}
+        state = {"n": self.n, "counts": {"\x1f".join(k): v for k, v in self.counts.items()}}
+        if self.memory is not None:
+            state["memory"] = self.memory
+        return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.n = state["n"].to(self.device)
+        memory = state.get("memory")
+        self.memory = None if memory is None else memory.to(self.device)
         self.counts = {tuple(k.split("\x1f")) if k else (): v.to(self.device) for k, v in state["counts"].items()}
 
     def result(self) -> dict[str, Any]:
@@ -194,8 +213,22 @@ class SelectionMetrics:
             for field, value in zip(SELECTION_FIELDS, table[-1]):
                 learned[field] += int(value)
         n = int(self.n)
-        return {"n": n, "stages": {k: selection_rates(v, n) for k, v in stages.items()},
-                "learned": selection_rates(learned, n)}
+        out = {"n": n, "stages": {k: selection_rates(v, n) for k, v in stages.items()},
+               "learned": selection_rates(learned, n)}
+        if self.memory is not None:
+            out["memory"] = memory_rates(dict(zip(MEMORY_FIELDS, self.memory.cpu().tolist())), n)
+        return out
+
+
+def memory_rates(counts: Mapping[str, int], n: int) -> dict[str, Any]:
+    """A memory's counts plus ``admitted_frac`` (admitted / the domain's samples) and ``precision``
+    (the trained pseudo-labels that were right / those with a known label); ``None`` where the
+    denominator is 0."""
+    out: dict[str, Any] = {"n": n, **{k: int(counts[k]) for k in MEMORY_FIELDS}}
+    out["admitted_frac"] = counts["admitted"] / n if n else None
+    labelled = counts["trained_labelled"]
+    out["precision"] = counts["trained_correct"] / labelled if labelled else None
+    return out
 
 
 def selection_rates(counts: Mapping[str, int], n: int) -> dict[str, Any]:
@@ -240,6 +273,10 @@ def selection_summary(domains: Mapping[str, SelectionMetrics], low_keep: float =
         return {"domains": per, "mean": selection_rates(total, n)}
 
     policies = {key: block(lambda r, key=key: r["stages"].get(key)) for key in keys}
+    memory = {name: r["memory"] for name, r in results.items() if r.get("memory") is not None}
+    if memory:
+        pooled = {k: sum(entry[k] for entry in memory.values()) for k in MEMORY_FIELDS}
+        memory = {"domains": memory, "mean": memory_rates(pooled, sum(entry["n"] for entry in memory.values()))}
     messages = []
     for key, entry in policies.items():
         low = {d: e["kept_frac"] for d, e in entry["domains"].items() if e["kept_frac"] is not None
@@ -252,5 +289,8 @@ def selection_summary(domains: Mapping[str, SelectionMetrics], low_keep: float =
     if warn:
         for message in messages:
             warnings.warn(message, stacklevel=2)
-    return {"learned_from": keys[-1] if keys else None, "stages": keys, "policies": policies,
-            "learned": block(lambda r: r["learned"]), "warnings": messages}
+    out = {"learned_from": keys[-1] if keys else None, "stages": keys, "policies": policies,
+           "learned": block(lambda r: r["learned"]), "warnings": messages}
+    if memory:
+        out["memory"] = memory
+    return out

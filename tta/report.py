@@ -222,7 +222,9 @@ def sweep_table(records: list[dict[str, Any]], metric: str = "accuracy") -> str:
 def selection_table(records: list[dict[str, Any]]) -> str:
     """Markdown: per learning configuration, the percentage of samples it learned from (``kept %``),
     the precision of their pseudo-labels, the accuracy on the samples it dropped, and the kept
-    percentage after each selection stage (pooled over domains; mean ± std over seeds)."""
+    percentage after each selection stage (pooled over domains; mean ± std over seeds). Configurations
+    that train from a sample memory get a second table: the percentage of the stream admitted, the
+    samples evicted and trained on (per run), and the precision of the pseudo-labels trained on."""
     cells, _ = group_cells(records)
     cells = [c for c in cells if c.learns]
     if not cells:
@@ -235,6 +237,14 @@ def selection_table(records: list[dict[str, Any]]) -> str:
         row = (f"| {cell.label} | {cell.selection('kept_frac').format()} | {cell.selection('precision').format()} | "
                f"{cell.selection('dropped_accuracy').format()} | {stages} |")
         rows.append(row + (f" {len(cell.records)} |" if seeds else ""))
+    memory = [c for c in cells if c.has_memory]
+    if memory:  # methods that train from a sample memory: what entered, what left, what it taught
+        rows += ["", "| run (sample memory) | admitted % | evicted | trained on | memory precision |"
+                 + (" seeds |" if seeds else ""), "|---|---:|---:|---:|---:|" + ("---:|" if seeds else "")]
+        for cell in memory:
+            row = (f"| {cell.label} | {cell.memory('admitted_frac').format()} | {cell.memory('evicted').format(1, 0)} | "
+                   f"{cell.memory('trained').format(1, 0)} | {cell.memory('precision').format()} |")
+            rows.append(row + (f" {len(cell.records)} |" if seeds else ""))
     return "\n".join(rows)
 
 

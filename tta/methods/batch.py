@@ -139,9 +139,16 @@ class BatchMethod(Method):
 
     def context(self, x: torch.Tensor, logits: torch.Tensor) -> BatchContext:
         frozen = self.frozen_source
-        if frozen is not None and self._calls is not None:
+        if frozen is None:
+            return BatchContext(x, logits, self.model, None)
+        if self._calls is not None:
             frozen = self._calls["source"]
-        return BatchContext(x, logits, self.model, (lambda: frozen) if frozen is not None else None)
+
+        def source() -> Any:  # asked once per context, by the first policy that needs the frozen pass
+            self.counters.add("forwards", 1)
+            return frozen
+
+        return BatchContext(x, logits, self.model, source)
 
     def objective(self, ctx: BatchContext, weights: torch.Tensor) -> torch.Tensor:
         """Loss to minimise: the weighted mean entropy over the kept samples."""

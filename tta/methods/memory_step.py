@@ -13,7 +13,10 @@ method's default step becomes:
 Costs: 2 forwards (1 + the memory) and 1 backward per batch, and the host reads of the memory
 policy (one per batch). Selection diagnostics: the stage ``<policy>_admitted`` is the mask of the
 batch's samples that entered the memory, so its precision is that of the pseudo-labels admitted;
-``counters.memory_admitted`` / ``memory_evicted`` count them. An empty memory skips the step
+``counters.memory_admitted`` / ``memory_evicted`` count them. The batch's memory events (admitted,
+evicted, the slots each update trained on) go to the engine in ``last_memory``
+(:class:`~tta.policies.memory.MemoryRecord`), which scores the precision of the trained pseudo-labels
+once the batch's labels are known (``selection.memory`` in run.json). An empty memory skips the step
 (``skipped_empty``). The update runs once per batch, after the whole batch is admitted (RoTTA's own
 recipe updates every 64 admitted samples).
 """
@@ -53,8 +56,10 @@ def adapt_from_memory(method: "BatchMethod", x: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         logits = method.run_model(x)
     method.counters.add("forwards", 1)
+    record = method.__dict__["last_memory"] = policy.memory.begin_batch()
     admitted, evicted = policy.admit(x, logits)
-    method.counters.add("memory_admitted", admitted.sum())
+    record.admitted, record.evicted = admitted.sum(), evicted
+    method.counters.add("memory_admitted", record.admitted)
     method.counters.add("memory_evicted", evicted)
     slots = policy.training_slots()
     if slots.numel() == 0:
@@ -62,6 +67,7 @@ def adapt_from_memory(method: "BatchMethod", x: torch.Tensor) -> torch.Tensor:
         method.counters.add("skipped_empty", 1)
         return logits
     memory = policy.memory
+    memory.trained_on(record, slots)
     images = memory.images.index_select(0, slots)
     memory_logits = method.run_model(images)
     method.counters.add("forwards", 1)
@@ -81,15 +87,18 @@ def admit_in_update_periods(method, x: torch.Tensor, predict: Callable[[int, int
     multiple (so an update can fall in the middle of a batch, as the references' per-sample loops).
     The stream position lives in ``method.instances`` (a buffer, saved with the state) and its host
     copy ``method._seen`` (read from the buffer only after a load). Returns each piece's logits; the
-    admitted mask of the batch goes to the selection diagnostics under ``key``."""
+    admitted mask of the batch goes to the selection diagnostics under ``key``, its memory events to
+    ``last_memory`` (``update_model`` notes the slots it trains on with ``memory.trained_on``)."""
     seen = method._seen if method._seen is not None else int(method.instances)
     policy, start, outputs, admitted = method.memory_policy, 0, [], []
+    record = method.__dict__["last_memory"] = policy.memory.begin_batch()
     while start < x.shape[0]:
         end = min(x.shape[0], start + method.update_every - seen % method.update_every)
         logits = predict(start, end)
         outputs.append(logits)
-        mask, evicted = policy.admit(x[start:end], logits)
+        mask, evicted = policy.admit(x[start:end], logits, offset=start)
         admitted.append(mask)
+        record.evicted += evicted
         method.counters.add("memory_admitted", mask.sum())
         method.counters.add("memory_evicted", evicted)
         seen += end - start
@@ -99,6 +108,7 @@ def admit_in_update_periods(method, x: torch.Tensor, predict: Callable[[int, int
     method.instances.fill_(seen)
     method._seen = seen
     method.last_selection = {key: torch.cat(admitted)}
+    record.admitted = method.last_selection[key].sum()
     return outputs
 
 

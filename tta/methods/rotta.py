@@ -126,6 +126,7 @@ class RoTTA(BatchMethod):
         policy = self.memory_policy
         slots = policy.training_slots()
         if slots.numel():
+            policy.memory.trained_on(self.__dict__.get("last_memory"), slots)  # the selection diagnostics
             images = policy.memory.images.index_select(0, slots)
             augmented = self.augment(images)
             with torch.no_grad():

@@ -129,6 +129,7 @@ class SoTTA(BatchMethod):
         seed = int(torch.empty((), dtype=torch.int64).random_().item())  # then RandomSampler's seed
         order = torch.randperm(slots.numel(), generator=torch.Generator().manual_seed(seed))
         slots = slots[order.to(slots.device)]
+        policy.memory.trained_on(self.__dict__.get("last_memory"), slots)  # the selection diagnostics
         images = policy.memory.images.index_select(0, slots)
         logits = self.run_model(images)
         ctx = self.context(images, logits)
