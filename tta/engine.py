@@ -84,6 +84,7 @@ def run(
     checkpoint_every: int = 0,
     stream_rate: float = 0.0,
     relative_cost: float | None = None,
+    per_batch_accuracy: bool = False,
 ) -> dict[str, Any]:
     """Adapt ``method`` online over ``stream`` and return results, counters and timings.
 
@@ -100,6 +101,9 @@ def run(
         stream_rate: ``eta`` of the stream-rate protocol (:mod:`tta.stream_rate`); 0 (default): the
             offline protocol, every batch adapted. relative_cost: a declared ``C`` (no timing);
             ``None``: measured per adapted batch. What happened is returned under ``stream_rate``.
+        per_batch_accuracy: also return each batch's number of correct predictions and samples
+            (``batches``: for running-window curves, the ``ccc`` setting), counted on the device
+            and read once at the end (and at checkpoints).
     """
     device = torch.device(device) if device is not None else next(method.parameters()).device
     method.prepare(device=device, channels_last=channels_last, compile=compile, fast=fast)
@@ -111,10 +115,12 @@ def run(
             source_model.to(memory_format=torch.channels_last)
     tracker = RunProgress(device, resume, checkpoint=checkpoint, every=checkpoint_every)
     rate = StreamRate(stream_rate, relative_cost) if stream_rate else None
-    if rate is not None:
-        if "stream_rate" in tracker.extra:
-            rate.load_state_dict(tracker.extra["stream_rate"])
-        tracker.extra_state = lambda: {"stream_rate": rate.state_dict()}
+    if rate is not None and "stream_rate" in tracker.extra:
+        rate.load_state_dict(tracker.extra["stream_rate"])
+    batches = _BatchCounts(tracker.extra.get("batches")) if per_batch_accuracy else None
+    if rate is not None or batches is not None:
+        tracker.extra_state = lambda: {**({"stream_rate": rate.state_dict()} if rate is not None else {}),
+                                       **({"batches": batches.state_dict()} if batches is not None else {})}
     metrics: dict[str, DomainMetrics] = tracker.metrics
     # selection diagnostics: methods that learn from the samples of a batch (not the per-image view family)
     track_selection = bool(getattr(method, "learns", False)) and getattr(method, "policy_level", "") == "samples"
@@ -162,6 +168,8 @@ def run(
                 with torch.no_grad():
                     source_logits = source_model(x)
         metrics[current].update(logits, labels, source_logits)
+        if batches is not None:
+            batches.update(logits, labels)
         if track_selection and adapted:  # the method's stage masks of this batch, on the device
             stages = method.__dict__.pop("last_selection", None) or {}
             selection.setdefault(current, SelectionMetrics(device)).update(stages, logits, labels)
@@ -188,4 +196,25 @@ def run(
         "speed": {**method.speed.as_dict(), "amp": amp, "channels_last": channels_last},
         "selection": selection_summary(selection) if track_selection else None,
         "stream_rate": rate.record() if rate is not None else None,
+        "batches": batches.state_dict() if batches is not None else None,
     }
+
+
+class _BatchCounts:
+    """Correct predictions and samples per batch: device counts, read on the host only on request."""
+
+    def __init__(self, saved: Mapping[str, Any] | None = None):
+        self.correct: list[Any] = list((saved or {}).get("correct") or [])  # ints (saved) then device tensors
+        self.samples: list[int] = list((saved or {}).get("samples") or [])
+
+    def update(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        self.correct.append((logits.argmax(1) == labels).sum())
+        self.samples.append(int(labels.shape[0]))
+
+    def state_dict(self) -> dict[str, list[int]]:
+        pending = [k for k, c in enumerate(self.correct) if isinstance(c, torch.Tensor)]
+        if pending:  # one transfer for all of them
+            values = torch.stack([self.correct[k] for k in pending]).tolist()
+            for k, v in zip(pending, values):
+                self.correct[k] = int(v)
+        return {"correct": list(self.correct), "samples": list(self.samples)}

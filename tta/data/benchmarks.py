@@ -265,8 +265,14 @@ def build_stream(config: dict[str, Any], *, setting: str | dict[str, Any] | None
         severity = severity_list(severity)
     options = settings_module.resolve(setting)
     needed = settings_module.severities_needed(options)
-    bench = load_benchmark(config, severity=needed if needed is not None else severity, seed=seed)
-    bench = _with_subset(bench, config, seed)
+    if options["name"] == "ccc":  # clean images only: data.clean_root or the benchmark's clean split
+        from .ccc.setting import ccc_benchmark, options_with_defaults
+
+        options = options_with_defaults(options, config)
+        bench = ccc_benchmark(config, seed=seed, load=lambda: load_benchmark(config, severity=severity, seed=seed))
+    else:
+        bench = load_benchmark(config, severity=needed if needed is not None else severity, seed=seed)
+        bench = _with_subset(bench, config, seed)
     plan = settings_module.plan(bench, options, seed=seed, shuffle=shuffle,
                                 ood_source=lambda needed: ood_source(bench, options, seed=seed, needed=needed))
     if batch_size is not None:
