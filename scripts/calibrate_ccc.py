@@ -42,8 +42,7 @@ from tta.data.corruptions import corrupt
 
 def clean_images(data: str, clean_root: str | None, images: int, seed: int):
     """``images`` clean images (seeded choice) and labels from the data config's clean split or ``clean_root``."""
-    from tta.data.benchmarks import load_benchmark
-    from tta.data.ccc.setting import ccc_benchmark
+    from tta.data.benchmarks import ccc_benchmark, load_benchmark
     from tta.data.configs import load_data_config
 
     config = dict(load_data_config(data))

@@ -62,10 +62,14 @@ SETTING_DEFAULTS: dict[str, dict[str, Any]] = {
                  "ood_root": None, "ood_corrupt": True},
     "forgetting": {"reset_each_domain": False, "clean_samples": None},
     "long_stream": {"reset_each_domain": False, "rounds": 10},
-    "ccc": {"reset_each_domain": False, "difficulty": "medium", "speed": None, "max_samples": None,
-            "calibration": None, "target": None, "window": None, "flip": None, "crop_scale": None},
+    "ccc": {"reset_each_domain": False, "batch_size": 64},  # oripress/CCC eval.py line 33
 }
 COMMON_OPTIONS = ("name", "batch_size", "reset_each_domain")
+# options a setting takes from its own top-level group (``ccc.difficulty=hard``), not from ``setting.``
+GROUP_OPTIONS: dict[str, dict[str, Any]] = {
+    "ccc": {"difficulty": None, "speed": None, "max_samples": None, "calibration": None, "target": None,
+            "window": None, "flip": None, "crop_scale": None},
+}
 
 
 @dataclass
@@ -89,7 +93,7 @@ def resolve(setting: str | dict[str, Any] | None) -> dict[str, Any]:
     name = options.get("name")
     if name not in SETTING_DEFAULTS:
         raise ValueError(f"unknown setting {name!r}; available: {', '.join(available())}")
-    defaults = SETTING_DEFAULTS[name]
+    defaults = {**SETTING_DEFAULTS[name], **GROUP_OPTIONS.get(name, {})}
     unknown = sorted(set(options) - set(defaults) - set(COMMON_OPTIONS))
     if unknown:
         raise ValueError(f"setting {name!r} has no option(s) {', '.join(unknown)}; its options: "

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -75,35 +75,6 @@ def resolve_calibration(value: str) -> Calibration:
         calibration.path = f"shipped:{value}"
         return calibration
     return load_calibration(os.path.expandvars(str(value)))
-
-
-def ccc_benchmark(config: dict[str, Any], *, seed: int, load: Callable[[], Any]) -> Any:
-    """A benchmark whose clean images feed the stream: ``data.clean_root`` (class folders, labels =
-    sorted folder names unless ``data.classes`` says otherwise), else ``load()``'s clean images."""
-    from ..benchmark import Benchmark
-
-    root = config.get("clean_root")
-    if not root:
-        bench = load()
-        if bench.clean is None:
-            raise ValueError(f"the ccc setting needs clean images: {config.get('name')} has none; set "
-                             f"data.clean_root=<folder of class folders of clean images>")
-        clean = bench.clean() if callable(bench.clean) else bench.clean
-        return Benchmark(bench.name, [clean], clean=clean, image_size=bench.image_size)
-    from ..benchmarks import class_list, preprocess_of
-    from ..sources import FileSource, index_class_folders
-
-    folder = Path(os.path.expandvars(str(root))).expanduser()
-    if not folder.is_dir():
-        raise FileNotFoundError(f"ccc: data.clean_root {folder} is not a folder (expected <class>/<image files>)")
-    classes = class_list(config)
-    if classes is None:
-        classes = sorted(e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith("."))
-    files, labels = index_class_folders(folder, classes, what=f"ccc clean images {folder}")
-    preprocess = preprocess_of({"resize": config.get("clean_resize", config.get("resize", 256)),
-                                "crop": config.get("clean_crop", config.get("crop", 224))})
-    clean = Domain("clean", FileSource(folder, files, labels, preprocess, name="clean"))
-    return Benchmark(config.get("name", "ccc"), [clean], clean=clean, image_size=preprocess.output_size())
 
 
 def walks_for(calibration: Calibration, names: list[str], target: float) -> dict[tuple[str, str], list]:
