@@ -304,6 +304,35 @@ def test_bad_options(tmp_path):
                      setting={"name": "ccc", "calibration": "digits_cnn"})
 
 
+def test_clean_root_folder(tmp_path):
+    """An image folder of clean images (labels: sorted class folders), decoded, resized and cropped."""
+    from PIL import Image
+
+    from tta.data.benchmarks import build_stream
+
+    g = np.random.default_rng(0)
+    for name in ("b_class", "a_class"):
+        (tmp_path / "clean" / name).mkdir(parents=True)
+        for k in range(4):
+            Image.fromarray(g.integers(0, 255, (30, 40, 3), dtype=np.uint8)).save(tmp_path / "clean" / name / f"{k}.png")
+    names = corruption_names("hard")
+    cal.save_calibration(tmp_path / "cal.json", synthetic_calibration(names, size=6), step=1.0, clean_accuracy=80.0,
+                         num_classes=2)
+    config = {"name": "mine", "clean_root": str(tmp_path / "clean"), "crop": 16}
+    setting = {"name": "ccc", "difficulty": "hard", "speed": 5, "max_samples": 12, "calibration": str(tmp_path / "cal.json")}
+    stream, _ = build_stream(config, setting=setting, seed=0)
+    batches = list(stream)
+    assert [tuple(b.images.shape) for b in batches] == [(12, 3, 16, 16)]
+    segment = stream.segments[0]
+    expected = (segment.index >= 4).astype(np.int64)  # files a_class/0..3 first: label 0, then b_class: label 1
+    assert batches[0].labels.tolist() == expected.tolist()
+    info = stream.describe()["ccc"]
+    assert info["flip"] is True and info["crop_scale"] == [0.08, 1.0] and info["speed"] == 5
+    (tmp_path / "empty" / "a").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match="no image files"):
+        build_stream({**config, "clean_root": str(tmp_path / "empty")}, setting=setting, seed=0)
+
+
 def test_running_window():
     from tta.curves import reset_batches, running_window
 
@@ -329,3 +358,7 @@ def test_cli_ccc_on_digits_c(tmp_path):
     assert sum(batches["correct"]) / 640 == pytest.approx(record["results"]["mean"]["accuracy"], abs=1e-6)
     assert "3 periodic resets" in (out / "results.md").read_text()
     assert (out / "results.png").stat().st_size > 0
+    report = subprocess.run([sys.executable, "-m", "tta.report", str(out), "--out", str(tmp_path / "report")],
+                            capture_output=True, text=True, env=env, timeout=600)
+    assert report.returncode == 0, report.stderr[-3000:]
+    assert (tmp_path / "report" / "ccc.png").stat().st_size > 0
