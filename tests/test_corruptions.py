@@ -192,7 +192,7 @@ def test_bad_inputs():
     x = torch.rand(2, 3, 32, 32)
     with pytest.raises(ValueError, match="gaussian_noise"):
         corrupt(x, "gaussian_nosie", 1)
-    for severity in (0, 6, 2.0, True):
+    for severity in (-1, 6, 5.5, True, float("nan")):  # 0, 2.0 and 2.5 are valid (continuous severities)
         with pytest.raises(ValueError, match="severity"):
             corrupt(x, "fog", severity)
     for bad in (x[0], x.permute(0, 2, 3, 1), x.numpy()):

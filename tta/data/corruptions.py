@@ -33,6 +33,51 @@ Deviations from the reference, all of them deliberate:
   CPU also for CUDA inputs (see ``_jpeg_compression``).
 * Pixelate: the same PIL box/nearest geometry, without PIL's intermediate uint8 rounding.
 
+Continuous severities: ``severity`` may be any real number in [0, 5], as in the continually
+changing corruptions of CCC (Press et al., "RDumb: A simple approach that questions our progress in
+continual test-time adaptation", NeurIPS 2023; reference oripress/CCC@656dec3,
+``make_imagenet_c.py``). The integers 1..5 run exactly as before (same parameters, same random
+keys: bitwise the same images); 0 returns the images unchanged (CCC skips a corruption at severity
+0, ``generate.py`` L405-412). A fractional severity ``s`` interpolates each parameter linearly
+between the anchors at ``floor(s)`` and ``floor(s) + 1`` with the arithmetic of
+``scipy.interpolate.interp1d(kind="linear")`` that the reference uses (``(high - low) * t + low``
+in float64; :func:`corruption_parameters`), then converts it as the reference does. Anchors 1..5
+are the integer table; the severity-0 anchors and conversions are the reference's (line numbers
+in ``make_imagenet_c.py``):
+
+* gaussian noise 0 (L188), impulse noise 0 (L234), brightness 0 (L537), contrast 1 (L522),
+  pixelate 1 (L573; the size is then ``int(H * c)``, as at the integers), frost (1, 0) (L435; the
+  texture drawn among the first five, L446), fog (0, 2) (L416).
+* shot noise: interpolated in 1/photons, anchors (0, 1/60, 1/25, 1/12, 1/5, 1/3), photons =
+  1 / value (L206-225).
+* defocus blur (0, 0) (L332): the disk's radius is fractional; above 8 its coordinates are
+  ``np.arange(-r, r + 1)`` (L78-90), an even count for some radii, placed as ``cv2.filter2D``
+  places an even kernel (see ``_disk_kernel``).
+* glass blur (0, 0, 0) (L300-308): the radius is clamped to >= 1 (L318-319), then radius and
+  passes are rounded half to even (``round`` in the numba loop, L287-290).
+* motion blur (0, 0) (L357), snow (0.1, 0.3, 3, 1.0, 10, 4, 1.0) (L471-478): the reference's
+  ImageMagick motion blur takes a fractional radius and uses ``2 * ceil(radius) + 1`` taps
+  (``GetOptimalKernelWidth1D``, MagickCore/gem.c); so does ``_motion_blur``.
+* zoom blur (start, stop, step) = (1, 1, 0.01) (L385-392), the factors ``np.arange`` of the
+  interpolated triple (L401), with its float end-point behaviour.
+* JPEG quality 85 (L555), rounded half to even (``round``, L562).
+* Deviation, elastic transform: CCC interpolates the original ImageNet-C parameters (alpha, sigma,
+  affine; L585-600); this module follows imagecorruptions 1.1.2 (one displacement scale alpha,
+  no affine step), so alpha is interpolated between 0 (CCC's severity-0 alpha) and its anchors.
+* Not in CCC (the four held-out corruptions), anchors chosen here so that severity 0 changes
+  nothing: speckle noise 0, Gaussian blur 0, saturate (1, 0) (the interpolated factor passes
+  through 1, the identity, again near severity 2.47: the table goes from 0.1 at 2 to 2 at 3),
+  spatter (0.65, 0.3, 4, 0.69, 0, 0): severity 1's water at intensity 0. The mud flag is
+  interpolated too and, as the original code tests ``c[5] == 0``, every severity above 3 is mud.
+
+Where a parameter is rounded or counted (JPEG quality, glass blur's radius and passes, the
+number of zoom factors, pixelate's size, the defocus disk's pixels, snow's zoom crop) the images
+change in steps between the anchors, as in the reference. Just above 0 some corruptions are not
+near the identity, as in the reference: JPEG at quality 85 - 60 s, glass blur's uint8 round trip,
+pixelate's one-pixel shrink. Random draws for a fractional severity are keyed by its float64 bit
+pattern (integer severities keep their keys), so they stay a pure function of (seed, id, name,
+severity). The interpolation runs on the host, once per (name, severity).
+
 Channels: the reference turns every image into RGB first. Here the corruptions that treat the
 channels alike (every noise, every blur, fog, contrast, elastic transform, pixelate) take any number
 of channels, so a greyscale stream is corrupted as greyscale; JPEG takes 1 or 3 (what the codec
@@ -46,6 +91,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import numbers
+import struct
 import warnings
 import zlib
 from pathlib import Path
@@ -104,12 +151,24 @@ def _combine(h, value):
     return _hash32(h ^ _hash32((value + _GOLDEN32) & _MASK32))
 
 
+def _severity_key(state: int, severity: "int | float") -> int:
+    """Hash a severity into ``state``: an integer severity as itself (the keys of the integer
+    table), a fractional one as a tag and the two 32-bit halves of its float64 bit pattern."""
+    if isinstance(severity, int):
+        return _combine(state, severity)
+    bits = struct.unpack("<Q", struct.pack("<d", severity))[0]
+    return _combine(_combine(_combine(state, _FRACTIONAL_TAG), bits & _MASK32), bits >> 32)
+
+
+_FRACTIONAL_TAG = 0x46524143  # "FRAC"
+
+
 class _SampleRng:
     """Independent streams of uniforms / normals per sample, keyed by (seed, name, severity, id)."""
 
-    def __init__(self, seed: int, name: str, severity: int, ids: Tensor) -> None:
+    def __init__(self, seed: int, name: str, severity: "int | float", ids: Tensor) -> None:
         state = _combine(seed & _MASK32, (seed >> 32) & _MASK32)
-        state = _combine(_combine(state, zlib.crc32(name.encode())), severity)
+        state = _severity_key(_combine(state, zlib.crc32(name.encode())), severity)
         ids = ids.to(torch.int64)
         self.keys = _combine(_combine(state, ids & _MASK32), (ids >> 32) & _MASK32)
 
@@ -233,11 +292,12 @@ def _shift_clamped(x: Tensor, dy: Tensor, dx: Tensor) -> Tensor:
     return out.gather(3, cols[:, None, None, :].expand(n, c, h, w))
 
 
-def _motion_blur(x: Tensor, radius: int, sigma: float, angle_deg: Tensor) -> Tensor:
+def _motion_blur(x: Tensor, radius: float, sigma: float, angle_deg: Tensor) -> Tensor:
     """The reference's ``_motion_blur``: a one-sided Gaussian-weighted line of edge-replicated
     shifted copies, one angle per sample; taps stop (without renormalising) once a shift leaves
-    the image."""
-    width = 2 * radius + 1
+    the image. The width is ImageMagick's for a positive radius, ``2 * ceil(radius) + 1``
+    (``GetOptimalKernelWidth1D``, MagickCore/gem.c), which a fractional radius needs."""
+    width = 2 * math.ceil(radius) + 1
     taps = torch.arange(width, dtype=torch.float64)
     kernel = torch.exp(-(taps**2) / (2 * sigma**2))
     kernel = (kernel / kernel.sum()).tolist()
@@ -333,17 +393,25 @@ def _speckle_noise(x: Tensor, c: float, rng: _SampleRng) -> Tensor:
 # ---------------------------------------------------------------------------------------------
 
 
-def _disk_kernel(radius: int, alias_blur: float) -> Tensor:
+def _disk_kernel(radius: float, alias_blur: float) -> Tensor:
     """The reference's anti-aliased disk: a normalised binary disk (at least 17x17) blurred by
-    ``cv2.GaussianBlur`` with a 3x3 (radius <= 8) or 5x5 kernel and reflect-101 borders."""
+    ``cv2.GaussianBlur`` with a 3x3 (radius <= 8) or 5x5 kernel and reflect-101 borders.
+
+    A fractional radius above 8 (continuous severities) gives the reference's coordinates
+    ``np.arange(-radius, radius + 1)``, possibly an even count: ``cv2.filter2D`` then anchors the
+    kernel at index ``size // 2``, which a zero row and column appended at the end reproduce
+    with an odd kernel."""
     half, ksize = (8, 3) if radius <= 8 else (radius, 5)
-    coords = torch.arange(-half, half + 1, dtype=torch.float64)
+    coords = torch.from_numpy(np.arange(-half, half + 1, dtype=np.float64))
     disk = ((coords[:, None] ** 2 + coords[None, :] ** 2) <= radius**2).to(torch.float64)
     disk = disk / disk.sum()
     g = torch.exp(-((torch.arange(ksize, dtype=torch.float64) - (ksize - 1) / 2) ** 2)
                   / (2 * alias_blur**2))
     g = g / g.sum()
-    return _filter_separable(disk[None, None], g, g, "reflect101")[0, 0]
+    kernel = _filter_separable(disk[None, None], g, g, "reflect101")[0, 0]
+    if kernel.shape[0] % 2 == 0:
+        kernel = F.pad(kernel, (0, 1, 0, 1))
+    return kernel
 
 
 def _defocus_blur(x: Tensor, c: tuple, rng: _SampleRng) -> Tensor:
@@ -718,6 +786,9 @@ def _zoom_factors(start: float, stop: float, step: float) -> tuple:
 
 _CorruptionFn = Callable[[Tensor, object, _SampleRng], Tensor]
 
+# zoom blur's (start, stop, step) of np.arange per severity 1..5, imagecorruptions 1.1.2
+_ZOOM_RANGES = ((1, 1.11, 0.01), (1, 1.16, 0.01), (1, 1.21, 0.02), (1, 1.26, 0.02), (1, 1.31, 0.03))
+
 # name -> (function, parameters for severities 1..5), parameters from imagecorruptions 1.1.2
 _REGISTRY: dict[str, tuple[_CorruptionFn, tuple]] = {
     "gaussian_noise": (_gaussian_noise, (0.08, 0.12, 0.18, 0.26, 0.38)),
@@ -726,10 +797,7 @@ _REGISTRY: dict[str, tuple[_CorruptionFn, tuple]] = {
     "defocus_blur": (_defocus_blur, ((3, 0.1), (4, 0.5), (6, 0.5), (8, 0.5), (10, 0.5))),
     "glass_blur": (_glass_blur, ((0.7, 1, 2), (0.9, 2, 1), (1, 2, 3), (1.1, 3, 2), (1.5, 4, 2))),
     "motion_blur": (_motion_blur_corruption, ((10, 3), (15, 5), (15, 8), (15, 12), (20, 15))),
-    "zoom_blur": (_zoom_blur, (
-        _zoom_factors(1, 1.11, 0.01), _zoom_factors(1, 1.16, 0.01), _zoom_factors(1, 1.21, 0.02),
-        _zoom_factors(1, 1.26, 0.02), _zoom_factors(1, 1.31, 0.03),
-    )),
+    "zoom_blur": (_zoom_blur, tuple(_zoom_factors(*zoom) for zoom in _ZOOM_RANGES)),
     "snow": (_snow, (
         (0.1, 0.3, 3, 0.5, 10, 4, 0.8), (0.2, 0.3, 2, 0.5, 12, 4, 0.7),
         (0.55, 0.3, 4, 0.9, 12, 8, 0.7), (0.55, 0.3, 4.5, 0.85, 12, 8, 0.65),
@@ -753,12 +821,84 @@ _REGISTRY: dict[str, tuple[_CorruptionFn, tuple]] = {
 }
 
 
-def _check_inputs(images: Tensor, name: str, severity: int, ids: Optional[Tensor]) -> Tensor:
+# ---------------------------------------------------------------------------------------------
+# Continuous severities (see the module docstring, "Continuous severities")
+# ---------------------------------------------------------------------------------------------
+
+
+def _glass_parameters(c: tuple) -> tuple:
+    sigma, max_delta, iterations = c
+    return sigma, round(max(max_delta, 1.0)), round(iterations)
+
+
+# name -> (severity-0 anchor, the table value -> the interpolated quantity, interpolated -> parameter)
+_CONTINUOUS: dict[str, tuple[object, Optional[Callable], Optional[Callable]]] = {
+    "gaussian_noise": (0.0, None, None),
+    "shot_noise": (0.0, lambda photons: float(1) / photons, lambda inverse: float(1) / inverse),
+    "impulse_noise": (0.0, None, None),
+    "defocus_blur": ((0.0, 0.0), None, None),
+    "glass_blur": ((0.0, 0.0, 0.0), None, _glass_parameters),
+    "motion_blur": ((0.0, 0.0), None, None),
+    "zoom_blur": ((1.0, 1.0, 0.01), None, lambda c: _zoom_factors(*c)),
+    "snow": ((0.1, 0.3, 3, 1.0, 10, 4, 1.0), None, None),
+    "frost": ((1.0, 0.0), None, None),
+    "fog": ((0.0, 2.0), None, None),
+    "brightness": (0.0, None, None),
+    "contrast": (1.0, None, None),
+    "elastic_transform": (0.0, None, None),
+    "pixelate": (1.0, None, None),
+    "jpeg_compression": (85, None, round),
+    "speckle_noise": (0.0, None, None),
+    "gaussian_blur": (0.0, None, None),
+    "spatter": ((0.65, 0.3, 4, 0.69, 0.0, 0), None, None),
+    "saturate": ((1.0, 0.0), None, None),
+}
+
+
+def severity_anchors(name: str) -> tuple:
+    """The six values, severities 0..5, that a fractional severity of ``name`` interpolates
+    between (numbers or tuples; shot noise's are 1/photons, zoom blur's are ``np.arange``'s
+    (start, stop, step))."""
+    zero, to_anchor, _ = _CONTINUOUS[name]
+    table = _ZOOM_RANGES if name == "zoom_blur" else _REGISTRY[name][1]
+    return (zero,) + tuple(to_anchor(p) if to_anchor is not None else p for p in table)
+
+
+def _lerp(low, high, t: float):
+    """``(high - low) * t + low`` in float64, elementwise on tuples: the arithmetic of
+    ``scipy.interpolate.interp1d(kind="linear")`` (and ``np.interp``) between unit-spaced knots."""
+    if isinstance(low, tuple):
+        return tuple(_lerp(a, b, t) for a, b in zip(low, high))
+    return (float(high) - float(low)) * t + float(low)
+
+
+@functools.lru_cache(maxsize=512)
+def corruption_parameters(name: str, severity: float):
+    """The parameters corruption ``name`` runs with at a fractional ``severity`` in (0, 5): the
+    anchors of :func:`severity_anchors` interpolated linearly, then rounded or converted as the
+    CCC reference does (module docstring). Computed on the host, once per (name, severity)."""
+    k = math.floor(severity)
+    anchors = severity_anchors(name)
+    value = _lerp(anchors[k], anchors[k + 1], severity - k)
+    finish = _CONTINUOUS[name][2]
+    return finish(value) if finish is not None else value
+
+
+def _check_severity(severity) -> "int | float":
+    """An ``int`` for an integer severity (``2``, ``2.0``, ``np.int64(2)``), a ``float`` for a
+    fractional one; ``ValueError`` for anything else."""
+    if isinstance(severity, (bool, np.bool_)) or not isinstance(severity, numbers.Real):
+        raise ValueError(f"severity must be a real number in [0, 5], got {severity!r}")
+    value = float(severity)
+    if not math.isfinite(value) or not 0 <= value <= 5:
+        raise ValueError(f"severity must be a real number in [0, 5], got {severity!r}")
+    return int(value) if value.is_integer() else value
+
+
+def _check_inputs(images: Tensor, name: str, severity, ids: Optional[Tensor]) -> Tensor:
     if name not in _REGISTRY:
         raise ValueError(f"unknown corruption {name!r}; valid names: {', '.join(ALL_CORRUPTIONS)}")
-    if isinstance(severity, bool) or not isinstance(severity, (int, np.integer)) \
-            or not 1 <= severity <= 5:
-        raise ValueError(f"severity must be an integer in 1..5, got {severity!r}")
+    _check_severity(severity)
     if not isinstance(images, Tensor) or images.ndim != 4 or images.shape[1] < 1:
         shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
         raise ValueError(f"images must be a float tensor of shape (N, C, H, W), got {shape}")
@@ -795,7 +935,7 @@ def supports_channels(name: str, channels: int) -> bool:
     return channels >= 1
 
 
-def corrupt(images: Tensor, name: str, severity: int, seed: int = 0,
+def corrupt(images: Tensor, name: str, severity: "float", seed: int = 0,
             ids: Optional[Tensor] = None) -> Tensor:
     """Apply an ImageNet-C corruption (Hendrycks & Dietterich, ICLR 2019) to a batch.
 
@@ -804,7 +944,10 @@ def corrupt(images: Tensor, name: str, severity: int, seed: int = 0,
             (the reference's pixel-based parameters are used as they are, as for CIFAR-10-C).
             C = 3 for :data:`RGB_CORRUPTIONS`, 1 or 3 for ``jpeg_compression``, any C otherwise.
         name: one of :data:`ALL_CORRUPTIONS`.
-        severity: 1..5.
+        severity: a real number in [0, 5] (a Python or NumPy int or float). The integers 1..5
+            are the benchmark's severities; a fractional severity interpolates the parameters
+            between them as CCC does (module docstring); 0 returns the images unchanged (clamped
+            to [0, 1]).
         seed: seed of the corruption stream.
         ids: int64 tensor (N,) of per-sample ids (default ``arange(N)``). A sample's corruption
             depends only on (seed, id, name, severity) and its pixels, not on the rest of the
@@ -815,16 +958,24 @@ def corrupt(images: Tensor, name: str, severity: int, seed: int = 0,
         float64 for float64 inputs and in float32 otherwise.
 
     Raises:
-        ValueError: unknown name, severity outside 1..5, a tensor that is not (N, C, H, W)
+        ValueError: unknown name, a severity that is not a real number in [0, 5] (bools and NaN
+            included), a tensor that is not (N, C, H, W)
             floating point, a channel count the corruption does not take (the message names
             them), values outside [0, 1] (tolerance 1e-3) or NaN, or bad ``ids``.
     """
     ids = _check_inputs(images, name, severity, ids)
+    severity = _check_severity(severity)
     if images.shape[0] == 0:
         return images.clone()
-    function, parameters = _REGISTRY[name]
+    if severity == 0:
+        return images.clamp(0, 1)
+    function, table = _REGISTRY[name]
+    if isinstance(severity, int):
+        parameters = table[severity - 1]
+    else:
+        parameters = corruption_parameters(name, severity)
     work_dtype = torch.float64 if images.dtype == torch.float64 else torch.float32
     x = images.to(work_dtype).clamp(0, 1)
-    rng = _SampleRng(int(seed), name, int(severity), ids)
-    out = function(x, parameters[severity - 1], rng)
+    rng = _SampleRng(int(seed), name, severity, ids)
+    out = function(x, parameters, rng)
     return out.clamp(0, 1).to(images.dtype)
