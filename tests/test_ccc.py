@@ -287,6 +287,29 @@ def test_stream_is_seeded(tmp_path):
     assert not torch.equal(other[0].images, batches[0].images)
 
 
+def test_per_batch_counts_resume(tmp_path):
+    """The engine's per-batch counts (the running-window curve) survive a checkpoint and resume."""
+    import tta
+    from tta import engine
+    from tta.checkpoint import changing_state, restore_method
+    from tta.models import load_classifier
+
+    saves = []
+    method = tta.methods.build("tent", load_classifier("digits_cnn"))
+    stream, options, _ = _digits_stream(tmp_path, 5, max_samples=320)
+    whole = engine.run(method, stream, progress=False, checkpoint=lambda p: saves.append((p, changing_state(method))),
+                       checkpoint_every=2, **options)
+    assert whole["batches"]["samples"] == [64] * 5
+    assert sum(whole["batches"]["correct"]) == round(whole["results"]["mean"]["accuracy"] * 320)
+    progress, state = saves[1]
+    assert progress["done"] == 4 and len(progress["extra"]["batches"]["correct"]) == 4
+    fresh = tta.methods.build("tent", load_classifier("digits_cnn"))
+    restore_method(fresh, state)
+    stream, options, _ = _digits_stream(tmp_path, 5, max_samples=320)
+    again = engine.run(fresh, stream, progress=False, resume=progress, **options)
+    assert again["batches"] == whole["batches"] and again["results"] == whole["results"]
+
+
 def test_bad_options(tmp_path):
     with pytest.raises(ValueError, match="ccc.difficulty must be one of easy, medium, hard"):
         _digits_stream(tmp_path, 0, difficulty="extreme")
