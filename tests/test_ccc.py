@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from tta.data.ccc import calibration as cal
-from tta.data.ccc.compose import JPEG_QUALITY, compose, flip_and_crop, to_uint8_levels
+from tta.data.ccc.compose import JPEG_QUALITY, compose, crop_boxes, flip_and_crop, to_uint8_levels
 from tta.data.ccc.schedule import EASY, HARD, MEDIUM, corruption_names, find_walk, pair_sequence, schedule
 from tta.data.corruptions import _SampleRng, _jpeg_compression, corrupt
 
@@ -229,6 +229,54 @@ def test_composition_order():
     crop = flip_and_crop(x, _SampleRng(7, "ccc_flip_crop", 0, keyed), (24, 24))
     torch.testing.assert_close(only_second, _jpeg_compression(
         to_uint8_levels(corrupt(crop, "contrast", 3, seed=7, ids=keyed)), JPEG_QUALITY, None), rtol=0, atol=0)
+
+
+def reference_crop_params(height, width, scale, ratio, u_area, u_ratio, u_top, u_left):
+    """torchvision's RandomResizedCrop.get_params (transforms.py), written directly, with its random
+    draws replaced by the given uniforms (one area and one ratio draw per attempt)."""
+    import math
+
+    area = height * width
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for attempt in range(10):
+        target_area = area * (scale[0] + u_area[attempt] * (scale[1] - scale[0]))
+        aspect_ratio = math.exp(log_ratio[0] + u_ratio[attempt] * (log_ratio[1] - log_ratio[0]))
+        w = int(round(math.sqrt(target_area * aspect_ratio)))
+        h = int(round(math.sqrt(target_area / aspect_ratio)))
+        if 0 < w <= width and 0 < h <= height:
+            i = int(u_top * (height - h + 1))  # torch.randint(0, height - h + 1)
+            j = int(u_left * (width - w + 1))
+            return i, j, h, w
+    in_ratio = float(width) / float(height)
+    if in_ratio < min(ratio):
+        w = width
+        h = int(round(w / min(ratio)))
+    elif in_ratio > max(ratio):
+        h = height
+        w = int(round(h * max(ratio)))
+    else:
+        w = width
+        h = height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+@pytest.mark.parametrize("height,width,scale", [(24, 24, (0.08, 1.0)), (10, 60, (0.6, 1.0)), (50, 12, (0.3, 1.0))])
+def test_crop_boxes_equal_torchvision_rule(height, width, scale):
+    ids = torch.arange(300)
+    rng = _SampleRng(3, "crop", 0, ids)
+    top, left, h, w = crop_boxes(rng, height, width, scale, (3 / 4, 4 / 3), torch.device("cpu"))
+    u_area, u_ratio = rng.uniform((10,), 1).double(), rng.uniform((10,), 2).double()
+    u_pos = rng.uniform((2,), 3).double()
+    fallback = 0
+    for k in range(300):
+        expected = reference_crop_params(height, width, scale, (3 / 4, 4 / 3), u_area[k].tolist(),
+                                         u_ratio[k].tolist(), float(u_pos[k, 0]), float(u_pos[k, 1]))
+        assert (int(top[k]), int(left[k]), int(h[k]), int(w[k])) == expected, k
+        fallback += expected[2:] in ((height, width), (height, int(round(height * 4 / 3))),
+                                     (int(round(width / (3 / 4))), width)) and expected[:2] == (
+            (height - expected[2]) // 2, (width - expected[3]) // 2)
+    if (height, width) != (24, 24):
+        assert fallback > 0  # the centred fallback is exercised
 
 
 def test_flip_and_crop_rule():

@@ -42,18 +42,12 @@ _ATTEMPTS = 10  # torchvision RandomResizedCrop.get_params
 _TRUNCATE_TOLERANCE = 1e-3
 
 
-def flip_and_crop(images: Tensor, rng: _SampleRng, size: tuple[int, int],
-                  scale: tuple[float, float] = CROP_SCALE, ratio: tuple[float, float] = CROP_RATIO,
-                  flip: bool = True) -> Tensor:
-    """Random horizontal flip (``flip``), then torchvision's RandomResizedCrop rule, resized to ``size``."""
-    from torchvision.ops import roi_align
-
-    n, _, height, width = images.shape
-    device = images.device
-    x = images
-    if flip:
-        flipped = rng.uniform((1,), 0)[:, 0].to(device) < 0.5
-        x = torch.where(flipped.view(-1, 1, 1, 1), images.flip(-1), images)
+def crop_boxes(rng: _SampleRng, height: int, width: int, scale: tuple[float, float],
+               ratio: tuple[float, float], device: torch.device) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Per sample ``(top, left, height, width)`` of torchvision's ``RandomResizedCrop.get_params``:
+    up to ten attempts of an area ``uniform(scale) * H * W`` and an aspect ratio
+    ``exp(uniform(log ratio))``, rounded; the first that fits is placed uniformly at random; if none
+    fits, the whole image clamped to the ratio range, centred. All attempts are drawn at once."""
     area = float(height * width)
     u_area = rng.uniform((_ATTEMPTS,), 1).to(device, torch.float64)
     u_ratio = rng.uniform((_ATTEMPTS,), 2).to(device, torch.float64)
@@ -81,6 +75,22 @@ def flip_and_crop(images: Tensor, rng: _SampleRng, size: tuple[int, int],
     u_top, u_left = rng.uniform((2,), 3).to(device, torch.float64).unbind(1)
     top = torch.where(use, torch.floor(u_top * (height - h_box + 1)), torch.full_like(h_box, (height - fh) // 2))
     left = torch.where(use, torch.floor(u_left * (width - w_box + 1)), torch.full_like(w_box, (width - fw) // 2))
+    return top, left, h_box, w_box
+
+
+def flip_and_crop(images: Tensor, rng: _SampleRng, size: tuple[int, int],
+                  scale: tuple[float, float] = CROP_SCALE, ratio: tuple[float, float] = CROP_RATIO,
+                  flip: bool = True) -> Tensor:
+    """Random horizontal flip (``flip``), then torchvision's RandomResizedCrop rule, resized to ``size``."""
+    from torchvision.ops import roi_align
+
+    n, _, height, width = images.shape
+    device = images.device
+    x = images
+    if flip:
+        flipped = rng.uniform((1,), 0)[:, 0].to(device) < 0.5
+        x = torch.where(flipped.view(-1, 1, 1, 1), images.flip(-1), images)
+    top, left, h_box, w_box = crop_boxes(rng, height, width, scale, ratio, device)
     boxes = torch.stack([torch.arange(n, device=device, dtype=torch.float64), left, top, left + w_box, top + h_box], 1)
     out = roi_align(x.float(), boxes.float(), output_size=size, spatial_scale=1.0, sampling_ratio=-1, aligned=True)
     return (torch.round(out.clamp(0, 1) * 255) / 255).to(images.dtype)
