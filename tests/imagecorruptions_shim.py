@@ -38,3 +38,17 @@ def load_imagecorruptions() -> types.ModuleType:
     reference.np = _NumpyWithFloat_("numpy")
     reference.gaussian = _gaussian
     return imagecorruptions
+
+
+def with_parameters(function: types.FunctionType, parameters) -> types.FunctionType:
+    """The reference corruption ``function`` with its table of five per-severity parameters (a
+    constant of its code) replaced by ``parameters`` at every severity: called at any severity
+    1..5, it runs the reference algorithm at ``parameters`` (the continuous severities' tests)."""
+    code = function.__code__
+    tables = [i for i, c in enumerate(code.co_consts) if isinstance(c, tuple) and len(c) == 5]
+    if len(tables) != 1:
+        raise ValueError(f"{function.__name__}: expected one table of 5 parameters among its constants")
+    consts = list(code.co_consts)
+    consts[tables[0]] = (parameters,) * 5
+    return types.FunctionType(code.replace(co_consts=tuple(consts)), function.__globals__, function.__name__,
+                              function.__defaults__, function.__closure__)

@@ -10,6 +10,8 @@ in a severity table would then go unseen. These checks need only the required pa
   contrast and saturation on constructed colours (exact), the width of the Gaussian and defocus
   blur kernels (second moment of a blurred point), pixelate's block count (exact), and the JPEG
   quality (the PIL encoding, a required package, that the output is closest to);
+* the same closed forms at fractional severities (:data:`FRACTIONAL`), with the parameters the
+  CCC reference interpolates (``tests/ccc_reference.py``);
 * **pinned**, for all corruptions and severities: the mean absolute change on six fixed digits
   images, as this implementation computed it when it matched the reference in
   ``tests/test_corruptions.py``. A changed severity parameter moves these by far more than the
@@ -28,7 +30,11 @@ from PIL import Image
 from tta.data.corruptions import ALL_CORRUPTIONS, corrupt
 from tta.data.digits import load_digits_split
 
+from ccc_reference import FRACTIONAL, reference_parameters
+
 SEVERITIES = (1, 2, 3, 4, 5)
+#: integer severities, then fractional ones (continuous severities: CCC's interpolated parameters)
+ALL_SEVERITIES = SEVERITIES + FRACTIONAL
 #: the reference's severity parameters for the corruptions checked from first principles
 GAUSSIAN_NOISE = (0.08, 0.12, 0.18, 0.26, 0.38)
 SHOT_NOISE = (60, 25, 12, 5, 3)
@@ -42,6 +48,13 @@ DEFOCUS_RADIUS = (3, 4, 6, 8, 10)
 DEFOCUS_ALIAS = (0.1, 0.5, 0.5, 0.5, 0.5)
 PIXELATE = (0.6, 0.5, 0.4, 0.3, 0.25)
 JPEG_QUALITY = (25, 18, 15, 10, 7)
+
+
+def param(table: tuple, name: str, severity: float):
+    """The reference's parameter of ``name``: the integer table's entry, or CCC's interpolation."""
+    if float(severity).is_integer():
+        return table[int(severity) - 1]
+    return reference_parameters(name, severity)
 
 
 def grey(n: int = 16, size: int = 64, value: float = 0.5) -> torch.Tensor:
@@ -68,39 +81,38 @@ def clipped_poisson_std(mean: float, photons: float) -> float:
     return math.sqrt((values ** 2 * pmf).sum() - first ** 2)
 
 
-@pytest.mark.parametrize("severity", SEVERITIES)
+@pytest.mark.parametrize("severity", ALL_SEVERITIES)
 def test_noise_levels(severity):
     """On a grey image (0.5, about 200,000 values) the corrupted values' spread equals the clipped
     distribution's of the reference's parameter, within 1.5% (the sampling error is about 0.3%,
-    a neighbouring severity is 15% away or more)."""
+    a neighbouring severity is 15% away or more; shot noise at a fractional severity: photons
+    = 1 / the interpolated 1/photons)."""
     x = grey()
-    i = severity - 1
     expected = {
-        "gaussian_noise": clipped_normal_std(0.5, GAUSSIAN_NOISE[i]),
-        "speckle_noise": clipped_normal_std(0.5, 0.5 * SPECKLE_NOISE[i]),
-        "shot_noise": clipped_poisson_std(0.5, SHOT_NOISE[i]),
+        "gaussian_noise": clipped_normal_std(0.5, param(GAUSSIAN_NOISE, "gaussian_noise", severity)),
+        "speckle_noise": clipped_normal_std(0.5, 0.5 * param(SPECKLE_NOISE, "speckle_noise", severity)),
+        "shot_noise": clipped_poisson_std(0.5, param(SHOT_NOISE, "shot_noise", severity)),
     }
     for name, std in expected.items():
         measured = float(corrupt(x, name, severity, seed=1).std())
         assert measured == pytest.approx(std, rel=0.015), name
     flipped = (corrupt(x, "impulse_noise", severity, seed=1) != 0.5).double().mean()
-    amount = IMPULSE_NOISE[i]
+    amount = param(IMPULSE_NOISE, "impulse_noise", severity)
     assert abs(float(flipped) - amount) < 5 * math.sqrt(amount * (1 - amount) / x.numel())
 
 
-@pytest.mark.parametrize("severity", SEVERITIES)
+@pytest.mark.parametrize("severity", ALL_SEVERITIES)
 def test_brightness_contrast_and_saturation_are_exact(severity):
-    i = severity - 1
     out = corrupt(grey(1, 8), "brightness", severity)  # HSV value + c on a grey image
-    torch.testing.assert_close(out, torch.full_like(out, min(1.0, 0.5 + BRIGHTNESS[i])))
+    torch.testing.assert_close(out, torch.full_like(out, min(1.0, 0.5 + param(BRIGHTNESS, "brightness", severity))))
 
     halves = grey(1, 8, 0.25)
     halves[..., 4:] = 0.75  # mean 0.5: contrast scales the deviation by c
     out = corrupt(halves, "contrast", severity)
-    torch.testing.assert_close(out, 0.5 + (halves - 0.5) * CONTRAST[i])
+    torch.testing.assert_close(out, 0.5 + (halves - 0.5) * param(CONTRAST, "contrast", severity))
 
     colour = torch.tensor([0.8, 0.6, 0.6], dtype=torch.float64).view(1, 3, 1, 1).expand(1, 3, 4, 4)
-    factor, offset = SATURATE[i]  # HSV saturation 0.25 -> 0.25 * factor + offset; value 0.8, hue 0
+    factor, offset = param(SATURATE, "saturate", severity)  # HSV saturation 0.25 -> 0.25 * factor + offset; value 0.8, hue 0
     saturation = min(1.0, 0.25 * factor + offset)
     expected = torch.tensor([0.8, 0.8 * (1 - saturation), 0.8 * (1 - saturation)], dtype=torch.float64)
     torch.testing.assert_close(corrupt(colour, "saturate", severity), expected.view(1, 3, 1, 1).expand(1, 3, 4, 4))
@@ -121,25 +133,40 @@ def second_moment(kernel: torch.Tensor) -> float:
     return float((kernel * r2).sum() / kernel.sum())
 
 
-@pytest.mark.parametrize("severity", SEVERITIES)
+def sampled_variance(sigma: float) -> float:
+    """Variance of the Gaussian of ``sigma`` sampled at the integers up to ``int(4 sigma + 0.5)``
+    (scipy.ndimage's kernel): sigma^2 for a wide kernel, far less below sigma = 0.5."""
+    radius = int(4 * sigma + 0.5)
+    offsets = np.arange(-radius, radius + 1)
+    weights = np.exp(-offsets ** 2 / (2 * sigma ** 2))
+    return float((weights * offsets ** 2).sum() / weights.sum())
+
+
+@pytest.mark.parametrize("severity", ALL_SEVERITIES)
 def test_blur_widths(severity):
-    """A Gaussian blur of sigma spreads a point with second moment 2 sigma^2 (within 2%: the kernel is
-    truncated at 4 sigma); the defocus disk of radius r, anti-aliased by a Gaussian of sigma a,
-    with about r^2 / 2 + 2 a^2 (within 10%: a disk of pixels is not a continuous disk)."""
-    i = severity - 1
-    assert second_moment(point_spread("gaussian_blur", severity)) == pytest.approx(2 * GAUSSIAN_BLUR[i] ** 2, rel=0.02)
-    radius, alias = DEFOCUS_RADIUS[i], DEFOCUS_ALIAS[i]
-    assert second_moment(point_spread("defocus_blur", severity)) == pytest.approx(radius ** 2 / 2 + 2 * alias ** 2,
-                                                                                rel=0.10)
+    """A Gaussian blur of sigma spreads a point with second moment twice the variance of its
+    sampled kernel (2 sigma^2 for sigma >= 1; within 2%); the defocus disk of radius r, anti-aliased by a Gaussian of sigma a,
+    with about r^2 / 2 + 2 a^2 (within 10%: a disk of pixels is not a continuous disk). Below a
+    radius of 1 (severity 0.25: r = 0.75, a = 0.025) the disk is its centre pixel and the
+    anti-aliasing weights underflow: the point stays a point."""
+    sigma = param(GAUSSIAN_BLUR, "gaussian_blur", severity)
+    assert second_moment(point_spread("gaussian_blur", severity)) == pytest.approx(2 * sampled_variance(sigma),
+                                                                                 rel=0.02)
+    radius, alias = param(tuple(zip(DEFOCUS_RADIUS, DEFOCUS_ALIAS)), "defocus_blur", severity)
+    spread = second_moment(point_spread("defocus_blur", severity))
+    if radius < 1:
+        assert spread == 0
+    else:
+        assert spread == pytest.approx(radius ** 2 / 2 + 2 * alias ** 2, rel=0.10)
 
 
-@pytest.mark.parametrize("severity", SEVERITIES)
+@pytest.mark.parametrize("severity", ALL_SEVERITIES)
 def test_pixelate_block_count(severity):
     """Pixelate shrinks by the severity's factor and blows up with nearest neighbours: a row of a
     32-pixel image with distinct columns keeps exactly ``int(32 * factor)`` distinct values."""
     ramp = torch.linspace(0, 1, 32, dtype=torch.float64).expand(1, 3, 32, 32).contiguous()
     row = corrupt(ramp, "pixelate", severity)[0, 0, 0]
-    assert len(torch.unique(row)) == int(32 * PIXELATE[severity - 1])
+    assert len(torch.unique(row)) == int(32 * param(PIXELATE, "pixelate", severity))
 
 
 def pil_jpeg(images: torch.Tensor, quality: int) -> torch.Tensor:
@@ -153,16 +180,18 @@ def pil_jpeg(images: torch.Tensor, quality: int) -> torch.Tensor:
     return torch.stack(out)
 
 
-@pytest.mark.parametrize("severity", SEVERITIES)
+@pytest.mark.parametrize("severity", ALL_SEVERITIES)
 def test_jpeg_quality(severity):
     """The JPEG corruption is closest to PIL's encoding (the reference's encoder) at the severity's
-    quality, among all qualities the table uses and their neighbours."""
+    quality (at a fractional severity the reference's rounded interpolation: 70, 22, 16, 9, 8),
+    among all qualities the table uses, that one, and their neighbours."""
     x, _ = load_digits_split("test")
     x = x[:4].double() * torch.tensor([1.0, 0.9, 0.7], dtype=torch.float64).view(1, 3, 1, 1)
     ours = corrupt(x, "jpeg_compression", severity)
-    candidates = sorted({q + d for q in JPEG_QUALITY for d in (-1, 0, 1)})
+    quality = param(JPEG_QUALITY, "jpeg_compression", severity)
+    candidates = sorted({q + d for q in JPEG_QUALITY + (quality,) for d in (-1, 0, 1)})
     errors = {q: float((ours - pil_jpeg(x, q)).abs().mean()) for q in candidates}
-    assert min(errors, key=errors.get) == JPEG_QUALITY[severity - 1], errors
+    assert min(errors, key=errors.get) == quality, errors
 
 
 #: mean |corrupted - clean| on ``pinned_images()`` (seed 3), severities 1..5, computed by this

@@ -1,10 +1,10 @@
 """Continuous severities of tta.data.corruptions: the interpolated parameters, integer severities
 unchanged, severity 0, the random streams, monotonicity and continuity.
 
-The parameters a fractional severity runs with are re-derived here from the anchors of the CCC
+The parameters a fractional severity runs with are re-derived from the anchors of the CCC
 reference (Press et al., NeurIPS 2023; oripress/CCC@656dec3, ``make_imagenet_c.py`` L184-652),
-written out below, interpolated with ``scipy.interpolate.interp1d(kind="linear")`` and rounded as
-that file does. The strength checks at fractional severities (closed forms, comparison with the
+written out in ``tests/ccc_reference.py``, interpolated with ``scipy.interpolate.interp1d`` and
+rounded as that file does. The strength checks at fractional severities (closed forms, comparison with the
 reference functions) are in ``tests/test_corruption_levels.py`` and ``tests/test_corruptions.py``.
 """
 from __future__ import annotations
@@ -19,63 +19,12 @@ from tta.data import corruptions as corruptions_module
 from tta.data.corruptions import ALL_CORRUPTIONS, corrupt, corruption_parameters, severity_anchors
 from tta.data.digits import load_digits_split
 
+from ccc_reference import CCC_ANCHORS, reference_parameters
+
 DETERMINISTIC = ("brightness", "contrast", "saturate", "pixelate", "jpeg_compression", "defocus_blur",
                  "gaussian_blur", "zoom_blur")
 #: a 0.25 grid (CCC's) and a few awkward values
 GRID = tuple(k / 4 for k in range(1, 20) if k % 4) + (0.01, 0.1, 1.3, 2.2, 3.7, 4.99, 4.25 + 1e-9)
-
-#: severities 0..5 as oripress/CCC@656dec3 make_imagenet_c.py interpolates them (line of its table)
-CCC_ANCHORS = {
-    "gaussian_noise": [0.0, 0.08, 0.12, 0.18, 0.26, 0.38],  # L188
-    "shot_noise": [0, 1 / 60, 1 / 25, 1 / 12, 1 / 5, 1 / 3],  # L206-213, 1/photons
-    "impulse_noise": [0, 0.03, 0.06, 0.09, 0.17, 0.27],  # L234
-    "defocus_blur": [(0.0, 0.0), (3, 0.1), (4, 0.5), (6, 0.5), (8, 0.5), (10, 0.5)],  # L332
-    "glass_blur": [(0.0, 0.0, 0.0), (0.7, 1, 2), (0.9, 2, 1), (1, 2, 3), (1.1, 3, 2), (1.5, 4, 2)],  # L300-308
-    "motion_blur": [(0.0, 0.0), (10, 3), (15, 5), (15, 8), (15, 12), (20, 15)],  # L357
-    "zoom_blur": [(1.0, 1.0, 0.01), (1, 1.11, 0.01), (1, 1.16, 0.01), (1, 1.21, 0.02), (1, 1.26, 0.02),
-                  (1, 1.31, 0.03)],  # L385-392
-    "snow": [(0.1, 0.3, 3, 1.0, 10, 4, 1.0), (0.1, 0.3, 3, 0.5, 10, 4, 0.8), (0.2, 0.3, 2, 0.5, 12, 4, 0.7),
-             (0.55, 0.3, 4, 0.9, 12, 8, 0.7), (0.55, 0.3, 4.5, 0.85, 12, 8, 0.65),
-             (0.55, 0.3, 2.5, 0.85, 12, 12, 0.55)],  # L471-478
-    "frost": [(1.0, 0.0), (1, 0.4), (0.8, 0.6), (0.7, 0.7), (0.65, 0.7), (0.6, 0.75)],  # L435
-    "fog": [(0.0, 2.0), (1.5, 2), (2, 2), (2.5, 1.7), (2.5, 1.5), (3, 1.4)],  # L416
-    "brightness": [0.0, 0.1, 0.2, 0.3, 0.4, 0.5],  # L537
-    "contrast": [1.0, 0.4, 0.3, 0.2, 0.1, 0.05],  # L522
-    "pixelate": [1.0, 0.6, 0.5, 0.4, 0.3, 0.25],  # L573
-    "jpeg_compression": [85, 25, 18, 15, 10, 7],  # L555
-    # not CCC's: elastic follows imagecorruptions 1.1.2 (one displacement scale, CCC's severity-0
-    # value 0); the four held-out corruptions are not in CCC (identity at 0; spatter: no water)
-    "elastic_transform": [0.0, 250 * 0.05, 250 * 0.065, 250 * 0.085, 250 * 0.1, 250 * 0.12],
-    "speckle_noise": [0.0, 0.15, 0.2, 0.35, 0.45, 0.6],
-    "gaussian_blur": [0.0, 1, 2, 3, 4, 6],
-    "spatter": [(0.65, 0.3, 4, 0.69, 0.0, 0), (0.65, 0.3, 4, 0.69, 0.6, 0), (0.65, 0.3, 3, 0.68, 0.6, 0),
-                (0.65, 0.3, 2, 0.68, 0.5, 0), (0.65, 0.3, 1, 0.65, 1.5, 1), (0.67, 0.4, 1, 0.65, 1.5, 1)],
-    "saturate": [(1.0, 0.0), (0.3, 0), (0.1, 0), (2, 0), (5, 0.1), (20, 0.2)],
-}
-
-
-def reference_parameters(name: str, severity: float):
-    """The parameters of ``name`` at ``severity`` computed as the CCC reference does: interp1d over
-    0..5, then its conversions (L221-225 shot noise, L267-273 glass blur, L401 zoom blur,
-    L562 JPEG)."""
-    from scipy.interpolate import interp1d
-
-    value = interp1d([0, 1, 2, 3, 4, 5], CCC_ANCHORS[name], axis=0, kind="linear")(severity)
-    if name == "shot_noise":
-        return float(1) / value if value != 0 else 9999
-    if name == "glass_blur":
-        value = value.copy()
-        if value[1] < 1:
-            value[1] = 1
-        return float(value[0]), round(value[1]), round(value[2])
-    if name == "zoom_blur":
-        return tuple(float(z) for z in np.arange(value[0], value[1], value[2]))
-    if name == "jpeg_compression":
-        return round(value.item())
-    if value.ndim == 0:
-        return float(value)
-    return tuple(float(v) for v in value)
-
 
 def _images(n: int = 4, size: int = 32) -> torch.Tensor:
     x, _ = load_digits_split("test")
@@ -220,3 +169,13 @@ def test_fractional_runs_on_the_device_dtype_and_shape():
         out = corrupt(x, name, 3.25)
         assert out.shape == x.shape and out.dtype == x.dtype
         assert float(out.min()) >= 0 and float(out.max()) <= 1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", ALL_CORRUPTIONS)
+def test_fractional_cuda_matches_cpu(name):
+    x = _images(3)
+    cpu = corrupt(x, name, 2.75, seed=2)
+    cuda = corrupt(x.cuda(), name, 2.75, seed=2)
+    assert cuda.is_cuda
+    assert float((cuda.cpu() - cpu).abs().mean()) < 1e-4

@@ -293,10 +293,31 @@ def test_batch_size_none_means_the_setting_then_the_config():
         build_stream(_digits(), setting={"name": "bs1", "batch_size": 0})
 
 
-@pytest.mark.parametrize("value", [0, 6, 2.5, "abc", [], [1, 9], True])
-def test_severity_must_be_one_to_five(value):
-    with pytest.raises(ValueError, match="severity must be an integer from 1 to 5"):
+@pytest.mark.parametrize("value", [0, 6, 5.5, -1.5, float("nan"), "abc", "2.5", [], [1, 9], True])
+def test_severity_must_be_in_zero_to_five(value):
+    with pytest.raises(ValueError, match=r"severity must be a number in \(0, 5\]"):
         build_stream(_digits(), severity=value)
+
+
+def test_fractional_severities_on_the_fly(tmp_path):
+    """A fractional severity makes ``<corruption>/2.5`` domains corrupted at 2.5 (the images equal
+    ``corrupt`` at 2.5); ``2.0`` is the integer severity 2; released data sets refuse fractions."""
+    config = dict(load_data_config("digits_c"), corruptions=["fog", "contrast"])
+    stream, _ = build_stream(config, severity=[2.5, 2.0], max_samples=8)
+    assert [d.name for d in stream.parts] == ["fog/2.5", "contrast/2.5", "fog/2", "contrast/2"]
+    assert [d.severity for d in stream.parts] == [2.5, 2.5, 2, 2]
+    assert isinstance(stream.parts[2].severity, int)
+    batch = next(iter(stream))
+    assert batch.domain == "fog/2.5"
+    index = batch.ids & 0xFFFFFFFF  # the sample index (see the test above)
+    clean = stream.parts[0].source
+    x, _, _ = clean.finish(clean.read(index.numpy()), torch.device("cpu"))
+    torch.testing.assert_close(batch.images, corrupt(x, "fog", 2.5, seed=stream.seed, ids=index), atol=1e-6, rtol=0)
+    from data_fixtures import cifar_config, make_cifar_c
+
+    root = make_cifar_c(tmp_path / "cifar")
+    with pytest.raises(ValueError, match="severities 1 to 5 only"):
+        build_stream(cifar_config(root), severity=2.5)
 
 
 def test_valid_severities_and_gradual_severities_are_checked():

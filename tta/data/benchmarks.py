@@ -88,8 +88,9 @@ def require_root(config: dict[str, Any], what: str, layout: str) -> Path:
     return path
 
 
-def severities_of(config: dict[str, Any], severity: int | list[int] | None) -> list[int]:
-    """``severity`` (1..5 or a list), else the config's ``severity`` (default 5)."""
+def severities_of(config: dict[str, Any], severity: int | float | list | None) -> list[int | float]:
+    """``severity`` (1..5, a fractional severity in (0, 5), or a list), else the config's ``severity``
+    (default 5)."""
     if severity is None:
         return severity_list(config.get("severity", 5), f"{config.get('name', 'data')}: severity")
     return severity_list(severity)
@@ -114,8 +115,9 @@ def preprocess_of(config: dict[str, Any], resize: int | None = None, crop: int |
     return Preprocess(resize=config.get("resize", resize), crop=config.get("crop", crop))
 
 
-def corrupted_domains(config: dict[str, Any], source: ImageSource, severities: list[int]) -> list[Domain]:
-    """One domain per severity x corruption (severity-major, the config's corruption order)."""
+def corrupted_domains(config: dict[str, Any], source: ImageSource, severities: list[int | float]) -> list[Domain]:
+    """One domain per severity x corruption (severity-major, the config's corruption order), named
+    ``<corruption>/<severity>`` (``fog/2.5`` for a fractional severity)."""
     return [Domain(f"{name}/{s}", source, corruption=name, severity=s)
             for s in severities for name in corruptions_of(config, synthesized=True)]
 

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from .benchmarks import LOADERS, Benchmark, corrupted_domains, corruptions_of, require_root, severities_of
+from .checks import integer_severities
 from .sources import ArraySource
 from .stream import Domain
 
@@ -109,7 +110,7 @@ def cifar_c(config: dict[str, Any], *, severity: int | list[int] | None = None, 
         n = array.shape[0] // 5
         if len(all_labels) not in (n, 5 * n):
             raise ValueError(f"{labels_path} has {len(all_labels)} labels but {path} holds 5 x {n} images")
-        for s in severities_of(config, severity):
+        for s in integer_severities(severities_of(config, severity), f"{config.get('name', 'cifar_c')} (released)"):
             labels = all_labels[(s - 1) * n: s * n] if len(all_labels) == 5 * n else all_labels
             _check_labels(labels, _num_classes(config), str(labels_path))
             domains.append((s, Domain(f"{name}/{s}", ArraySource(array, labels, offset=(s - 1) * n, name=f"{name}/{s}"))))

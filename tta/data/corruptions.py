@@ -31,7 +31,8 @@ Deviations from the reference, all of them deliberate:
   code) has no random affine step: a Gaussian-smoothed random displacement field only.
 * JPEG: libjpeg through ``torchvision.io`` (the same codec PIL uses, so the same images), on the
   CPU also for CUDA inputs (see ``_jpeg_compression``).
-* Pixelate: the same PIL box/nearest geometry, without PIL's intermediate uint8 rounding.
+* Pixelate: the same PIL box/nearest geometry (including how PIL's accumulated coordinates break
+  ties), without PIL's intermediate uint8 rounding.
 
 Continuous severities: ``severity`` may be any real number in [0, 5], as in the continually
 changing corruptions of CCC (Press et al., "RDumb: A simple approach that questions our progress in
@@ -103,7 +104,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["CORRUPTIONS", "EXTRA_CORRUPTIONS", "ALL_CORRUPTIONS", "RGB_CORRUPTIONS", "corrupt", "supports_channels"]
+__all__ = ["CORRUPTIONS", "EXTRA_CORRUPTIONS", "ALL_CORRUPTIONS", "RGB_CORRUPTIONS", "corrupt", "corruption_parameters",
+           "severity_anchors", "supports_channels"]
 
 CORRUPTIONS: tuple[str, ...] = (
     "gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "glass_blur", "motion_blur",
@@ -755,10 +757,22 @@ def _pixelate(x: Tensor, c: float, rng: _SampleRng) -> Tensor:
     rows = _pil_box_matrix(h, small_h, x.device, x.dtype)
     cols = _pil_box_matrix(w, small_w, x.device, x.dtype)
     small = rows @ x @ cols.T
-    # PIL NEAREST upsampling: source index floor((o + 0.5) * n_small / n)
-    up_rows = ((torch.arange(h, dtype=torch.float64) + 0.5) * small_h / h).long().to(x.device)
-    up_cols = ((torch.arange(w, dtype=torch.float64) + 0.5) * small_w / w).long().to(x.device)
+    up_rows = _pil_nearest_index(h, small_h).to(x.device)
+    up_cols = _pil_nearest_index(w, small_w).to(x.device)
     return small.index_select(2, up_rows).index_select(3, up_cols)
+
+
+@functools.lru_cache(maxsize=64)
+def _pil_nearest_index(n_out: int, n_in: int) -> Tensor:
+    """Source index of each output pixel of PIL's NEAREST resize from ``n_in`` to ``n_out`` pixels:
+    ``int(x)`` of the coordinate ``x`` that PIL's ``ImagingScaleAffine`` accumulates, starting at
+    ``step / 2`` and adding ``step = n_in / n_out`` once per pixel. Mathematically
+    ``floor((o + 0.5) * n_in / n_out)``; the accumulated rounding decides the ties (an integer
+    coordinate), which exist at some sizes (28, 160, 299, 320 px at integer severities; 224 px
+    at severity 4.25)."""
+    step = n_in / n_out
+    coordinates = np.cumsum(np.concatenate(([step * 0.5], np.full(n_out - 1, step))))
+    return torch.from_numpy(coordinates.astype(np.int64))
 
 
 def _jpeg_compression(x: Tensor, quality: int, rng: _SampleRng) -> Tensor:

@@ -26,6 +26,7 @@ from typing import Any
 
 from .benchmarks import (LOADERS, Benchmark, class_list, corrupted_domains, corruptions_of, preprocess_of,
                          require_root, severities_of)
+from .checks import integer_severities
 from .sources import FileSource, index_class_folders
 from .stream import Domain
 
@@ -77,7 +78,7 @@ def imagenet_c(config: dict[str, Any], *, severity: int | list[int] | None = Non
     classes = _classes(config)
     preprocess = preprocess_of(config, resize=None, crop=224)
     domains = []
-    for s in severities_of(config, severity):
+    for s in integer_severities(severities_of(config, severity), f"{config.get('name', 'imagenet_c')} (released)"):
         for name in corruptions_of(config, synthesized=False):
             folder = root / name / str(s)
             if not folder.is_dir():

@@ -240,18 +240,20 @@ def _mixed(bench, options, seed, shuffle, ood_source=None) -> Plan:
                 info={"mixed_domains": [d.name for d in parts]})
 
 
-def corruption_and_severity(domain: Domain) -> tuple[str, int | None]:
+def corruption_and_severity(domain: Domain) -> tuple[str, int | float | None]:
     if domain.corruption is not None:
         return domain.corruption, domain.severity
     name, _, severity = domain.name.rpartition("/")
     if name and severity.isdigit():
         return name, int(severity)
+    if name and severity.replace(".", "", 1).isdigit():  # a fractional severity, "fog/2.5"
+        return name, float(severity)
     return domain.name, None
 
 
 def _gradual(bench, options, seed, shuffle, ood_source=None) -> Plan:
     severities = severity_list(options["severities"], "gradual setting: severities")
-    by_key: dict[tuple[str, int | None], int] = {}
+    by_key: dict[tuple[str, int | float | None], int] = {}
     corruptions: list[str] = []
     for i, d in enumerate(bench.domains):
         corruption, severity = corruption_and_severity(d)

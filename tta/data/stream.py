@@ -80,7 +80,7 @@ class Domain:
     transform: Callable[[Tensor, Tensor], Tensor] | None = None  # (images, ids) -> images
     ids: Tensor | None = None  # per-sample ids given to ``transform``/``corrupt`` (default: the index)
     corruption: str | None = None
-    severity: int | None = None
+    severity: int | float | None = None
     ood: bool = False  # out-of-distribution: labels are -1
 
     def __post_init__(self) -> None:
@@ -322,7 +322,7 @@ class Stream:
                 else:
                     from .corruptions import corrupt
 
-                    images = corrupt(images, domain.corruption, int(domain.severity), seed=self.seed, ids=ids_device)
+                    images = corrupt(images, domain.corruption, domain.severity, seed=self.seed, ids=ids_device)
             if p in self._convert:  # after the corruption: it sees the data as it is
                 from .channels import convert_channels
 
