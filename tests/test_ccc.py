@@ -320,6 +320,7 @@ def test_stream_is_seeded(tmp_path):
     steps = info["schedule"]["steps"]
     assert info["benchmark"] == "ccc-like" and info["truncated"] and sum(s[4] for s in steps) == 150
     assert [s[4] for s in steps] == [40, 40, 40, 30]
+    assert info["num_samples"] == 150
     assert info["flip"] is False and info["crop_scale"] == [0.5, 1.0]  # digits-C's own defaults
     # images are distinct within a step
     segment = stream.segments[0]
@@ -356,6 +357,18 @@ def test_per_batch_counts_resume(tmp_path):
     stream, options, _ = _digits_stream(tmp_path, 5, max_samples=320)
     again = engine.run(fresh, stream, progress=False, resume=progress, **options)
     assert again["batches"] == whole["batches"] and again["results"] == whole["results"]
+
+
+def test_top_level_cut_is_a_truncation(tmp_path):
+    from tta.data.benchmarks import build_stream
+    from tta.data.configs import load_data_config
+
+    _digits_stream(tmp_path, 0)  # writes the calibration
+    setting = {"name": "ccc", "difficulty": "hard", "speed": 700, "max_samples": 7_500_000,
+               "calibration": str(tmp_path / "cal.npz")}
+    stream, _ = build_stream(load_data_config("digits_c"), setting=setting, seed=0, max_samples=100)
+    info = stream.describe()["ccc"]
+    assert info["max_samples"] == 7_500_000 and info["num_samples"] == 100 and info["truncated"]
 
 
 def test_bad_options(tmp_path):

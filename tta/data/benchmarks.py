@@ -312,5 +312,9 @@ def build_stream(config: dict[str, Any], *, setting: str | dict[str, Any] | None
                     summarize=plan.summarize, channels=channels,
                     **loading_options(config, num_workers=num_workers, prefetch=prefetch, decode=decode,
                                        on_bad_image=on_bad_image))
+    if "ccc" in stream.info:  # a cut by max_samples= (any setting's) shortens the CCC stream too
+        ccc = stream.info["ccc"]
+        ccc["num_samples"] = stream.num_samples
+        ccc["truncated"] = stream.num_samples < ccc["reference_length"]
     engine = {"reset_each_domain": True, "open_set": False, **plan.engine}
     return stream, engine

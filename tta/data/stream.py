@@ -207,6 +207,7 @@ class Stream:
         if decode not in ("auto", "cpu", "cuda"):
             raise ValueError(f"decode must be auto, cpu or cuda, got {decode!r}")
         self.parts = list(parts)
+        self._codes: np.ndarray | None = None  # the parts' id codes (_ids)
         self.batch_size = batch_size
         self.seed = int(seed)
         self.device = torch.device(device)
@@ -268,7 +269,9 @@ class Stream:
         return sum(len(s) for s in self.segments)
 
     def _ids(self, part: np.ndarray, index: np.ndarray) -> np.ndarray:
-        codes = np.asarray([p.code for p in self.parts], dtype=np.int64)[part]
+        if self._codes is None or len(self._codes) != len(self.parts):  # computed once: a ccc stream has many parts
+            self._codes = np.asarray([p.code for p in self.parts], dtype=np.int64)
+        codes = self._codes[part]
         low = np.empty(len(index), dtype=np.int64)
         for p in np.unique(part):
             mask = part == p

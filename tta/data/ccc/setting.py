@@ -104,7 +104,7 @@ def plan_ccc(clean: Domain, options: dict[str, Any], *, seed: int) -> tuple[list
         index_of.append(rng.choice(n, size=step.count, replace=False).astype(np.int64))
         part_of.append(np.full(step.count, k, dtype=np.int64))
     segment = Segment("ccc", np.concatenate(part_of), np.concatenate(index_of))
-    truncated = int(options["max_samples"]) < DEFAULT_MAX_SAMPLES
+    truncated = int(options["max_samples"]) < DEFAULT_MAX_SAMPLES  # build_stream updates it for a max_samples= cut
     record = {
         "benchmark": "ccc" if calibration.origin == "reference" else "ccc-like",
         "difficulty": options["difficulty"], "speed": int(options["speed"]), "seed": int(seed),
