@@ -272,10 +272,11 @@ class Stream:
         if self._codes is None or len(self._codes) != len(self.parts):  # computed once: a ccc stream has many parts
             self._codes = np.asarray([p.code for p in self.parts], dtype=np.int64)
         codes = self._codes[part]
-        low = np.empty(len(index), dtype=np.int64)
+        low = index.astype(np.int64)  # a part without its own ids: the index (sample_ids)
         for p in np.unique(part):
-            mask = part == p
-            low[mask] = sample_ids(self.parts[p], index[mask])
+            if self.parts[p].ids is not None:  # only these: a ccc stream has thousands of parts
+                mask = part == p
+                low[mask] = sample_ids(self.parts[p], index[mask])
         return (codes << 32) | (low & 0xFFFFFFFF)
 
     def plan_hash(self) -> str:
