@@ -204,17 +204,16 @@ class _BatchCounts:
     """Correct predictions and samples per batch: device counts, read on the host only on request."""
 
     def __init__(self, saved: Mapping[str, Any] | None = None):
-        self.correct: list[Any] = list((saved or {}).get("correct") or [])  # ints (saved) then device tensors
+        self.correct: list[Any] = list((saved or {}).get("correct") or [])  # ints, then device tensors
         self.samples: list[int] = list((saved or {}).get("samples") or [])
+        self._read = len(self.correct)  # entries before this one are ints already
 
     def update(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
         self.correct.append((logits.argmax(1) == labels).sum())
         self.samples.append(int(labels.shape[0]))
 
     def state_dict(self) -> dict[str, list[int]]:
-        pending = [k for k, c in enumerate(self.correct) if isinstance(c, torch.Tensor)]
-        if pending:  # one transfer for all of them
-            values = torch.stack([self.correct[k] for k in pending]).tolist()
-            for k, v in zip(pending, values):
-                self.correct[k] = int(v)
+        if self._read < len(self.correct):  # one transfer for the counts since the last read
+            self.correct[self._read:] = [int(v) for v in torch.stack(self.correct[self._read:]).tolist()]
+            self._read = len(self.correct)
         return {"correct": list(self.correct), "samples": list(self.samples)}
