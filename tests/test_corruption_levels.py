@@ -169,6 +169,22 @@ def test_pixelate_block_count(severity):
     assert len(torch.unique(row)) == int(32 * param(PIXELATE, "pixelate", severity))
 
 
+@pytest.mark.parametrize("size, severity", [(28, 1), (299, 5), (224, 4.25), (32, 2.75)])
+def test_pixelate_geometry_is_pils(size, severity):
+    """Pixelate is PIL's BOX downsampling then NEAREST upsampling (the reference's), value for value
+    on float images (PIL mode F, no uint8 rounding), including where a NEAREST coordinate is an
+    exact integer and PIL's accumulated coordinates decide (these sizes and severities)."""
+    generator = torch.Generator().manual_seed(size)
+    x = torch.rand(1, 3, size, size, generator=generator, dtype=torch.float64)
+    small = int(size * param(PIXELATE, "pixelate", severity))
+    expected = []
+    for channel in x[0].float().numpy():
+        image = Image.fromarray(channel, mode="F").resize((small, small), Image.BOX)
+        expected.append(np.asarray(image.resize((size, size), Image.NEAREST)))
+    expected = torch.from_numpy(np.stack(expected)).double()[None]
+    torch.testing.assert_close(corrupt(x, "pixelate", severity), expected, atol=1e-5, rtol=0)
+
+
 def pil_jpeg(images: torch.Tensor, quality: int) -> torch.Tensor:
     out = []
     for image in images:

@@ -48,6 +48,18 @@ def test_parameters_equal_the_reference_interpolation(name):
         assert ours == reference_parameters(name, severity), (name, severity)
 
 
+def test_corruption_parameters_at_any_severity():
+    """The public look-up: the integer table at 1..5 (also ``2.0``), None at 0, interpolated between."""
+    assert corruption_parameters("shot_noise", 2) == corruption_parameters("shot_noise", 2.0) == 25
+    assert corruption_parameters("jpeg_compression", np.int64(5)) == 7
+    assert corruption_parameters("fog", 0) is None
+    assert corruption_parameters("contrast", 2.5) == pytest.approx(0.25)
+    with pytest.raises(ValueError, match="severity"):
+        corruption_parameters("fog", 5.5)
+    with pytest.raises(ValueError, match="unknown corruption"):
+        corruption_parameters("mist", 1)
+
+
 def test_integer_severities_unchanged():
     """``2``, ``2.0``, ``np.int64(2)`` and ``np.float32(2)`` are the integer severity: the same
     table entry and the same random keys, hence bitwise the same images."""

@@ -313,6 +313,8 @@ def test_fractional_severities_on_the_fly(tmp_path):
     clean = stream.parts[0].source
     x, _, _ = clean.finish(clean.read(index.numpy()), torch.device("cpu"))
     torch.testing.assert_close(batch.images, corrupt(x, "fog", 2.5, seed=stream.seed, ids=index), atol=1e-6, rtol=0)
+    gradual, _ = build_stream(config, setting={"name": "gradual", "severities": [1, 1.5, 2, 1.5, 1]})
+    assert [s.name for s in gradual.segments][:5] == ["fog/1", "fog/1.5", "fog/2", "fog/1.5", "fog/1"]
     from data_fixtures import cifar_config, make_cifar_c
 
     root = make_cifar_c(tmp_path / "cifar")

@@ -32,13 +32,15 @@ Deviations from the reference, all of them deliberate:
 * JPEG: libjpeg through ``torchvision.io`` (the same codec PIL uses, so the same images), on the
   CPU also for CUDA inputs (see ``_jpeg_compression``).
 * Pixelate: the same PIL box/nearest geometry (including how PIL's accumulated coordinates break
-  ties), without PIL's intermediate uint8 rounding.
+  ties, see ``_pil_box_matrix`` and ``_pil_nearest_index``; before, the rounding of exact ties
+  differed from PIL's at some sizes, e.g. 28, 160, 299 and 320 px), without PIL's intermediate
+  uint8 rounding.
 
 Continuous severities: ``severity`` may be any real number in [0, 5], as in the continually
 changing corruptions of CCC (Press et al., "RDumb: A simple approach that questions our progress in
 continual test-time adaptation", NeurIPS 2023; reference oripress/CCC@656dec3,
-``make_imagenet_c.py``). The integers 1..5 run exactly as before (same parameters, same random
-keys: bitwise the same images); 0 returns the images unchanged (CCC skips a corruption at severity
+``make_imagenet_c.py``). The integers 1..5 (also written ``2.0`` or as NumPy scalars) run with the
+integer table and random keys as before; 0 returns the images unchanged (CCC skips a corruption at severity
 0, ``generate.py`` L405-412). A fractional severity ``s`` interpolates each parameter linearly
 between the anchors at ``floor(s)`` and ``floor(s) + 1`` with the arithmetic of
 ``scipy.interpolate.interp1d(kind="linear")`` that the reference uses (``(high - low) * t + low``
@@ -743,12 +745,25 @@ def _elastic_transform(x: Tensor, alpha: float, rng: _SampleRng) -> Tensor:
 
 def _pil_box_matrix(n_in: int, n_out: int, device: torch.device, dtype: torch.dtype) -> Tensor:
     """(n_out, n_in) averaging matrix of PIL's BOX downsampling: input pixel i belongs to
-    output o when its centre ``i + 0.5`` lies in ``(o * s, (o + 1) * s]``, ``s = n_in / n_out``."""
+    output o when its centre ``i + 0.5`` lies in ``(o * s, (o + 1) * s]``, ``s = n_in / n_out``.
+    Computed with the float operations of PIL's ``precompute_coeffs`` (the window
+    ``[int(c - s/2 + 0.5), int(c + s/2 + 0.5))`` around the centre ``c = (o + 0.5) * s``, the box
+    test on ``(i - c + 0.5) / s``), so that an exact tie goes where PIL's rounding sends it."""
+    return _pil_box_matrix_cpu(n_in, n_out).to(device=device, dtype=dtype)
+
+
+@functools.lru_cache(maxsize=64)
+def _pil_box_matrix_cpu(n_in: int, n_out: int) -> Tensor:
     scale = n_in / n_out
-    centres = torch.arange(n_in, dtype=torch.float64) + 0.5
-    owner = (torch.ceil(centres / scale) - 1).clamp(0, n_out - 1).to(torch.int64)
-    matrix = F.one_hot(owner, n_out).T.to(torch.float64)
-    return (matrix / matrix.sum(1, keepdim=True)).to(device=device, dtype=dtype)
+    support, step = 0.5 * max(scale, 1.0), 1.0 / max(scale, 1.0)
+    centre = (np.arange(n_out) + 0.5) * scale
+    first = np.maximum((centre - support + 0.5).astype(np.int64), 0)
+    stop = np.minimum((centre + support + 0.5).astype(np.int64), n_in)
+    pixels = np.arange(n_in)
+    t = ((pixels[None] - centre[:, None]) + 0.5) * step
+    inside = (pixels[None] >= first[:, None]) & (pixels[None] < stop[:, None]) & (t > -0.5) & (t <= 0.5)
+    matrix = inside.astype(np.float64)
+    return torch.from_numpy(matrix / np.maximum(matrix.sum(1, keepdims=True), 1.0))
 
 
 def _pixelate(x: Tensor, c: float, rng: _SampleRng) -> Tensor:
@@ -886,11 +901,24 @@ def _lerp(low, high, t: float):
     return (float(high) - float(low)) * t + float(low)
 
 
-@functools.lru_cache(maxsize=512)
 def corruption_parameters(name: str, severity: float):
-    """The parameters corruption ``name`` runs with at a fractional ``severity`` in (0, 5): the
-    anchors of :func:`severity_anchors` interpolated linearly, then rounded or converted as the
-    CCC reference does (module docstring). Computed on the host, once per (name, severity)."""
+    """The parameters corruption ``name`` runs with at ``severity`` (a real number in [0, 5]): the
+    integer table's entry at 1..5, ``None`` at 0 (nothing is applied), and at a fractional
+    severity the anchors of :func:`severity_anchors` interpolated linearly, then rounded or
+    converted as the CCC reference does (module docstring). Computed on the host, once per
+    (name, severity)."""
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown corruption {name!r}; valid names: {', '.join(ALL_CORRUPTIONS)}")
+    severity = _check_severity(severity)
+    if severity == 0:
+        return None
+    if isinstance(severity, int):
+        return _REGISTRY[name][1][severity - 1]
+    return _interpolated_parameters(name, severity)
+
+
+@functools.lru_cache(maxsize=512)
+def _interpolated_parameters(name: str, severity: float):
     k = math.floor(severity)
     anchors = severity_anchors(name)
     value = _lerp(anchors[k], anchors[k + 1], severity - k)
@@ -984,10 +1012,7 @@ def corrupt(images: Tensor, name: str, severity: "float", seed: int = 0,
     if severity == 0:
         return images.clamp(0, 1)
     function, table = _REGISTRY[name]
-    if isinstance(severity, int):
-        parameters = table[severity - 1]
-    else:
-        parameters = corruption_parameters(name, severity)
+    parameters = table[severity - 1] if isinstance(severity, int) else _interpolated_parameters(name, severity)
     work_dtype = torch.float64 if images.dtype == torch.float64 else torch.float32
     x = images.to(work_dtype).clamp(0, 1)
     rng = _SampleRng(int(seed), name, severity, ids)
