@@ -46,6 +46,8 @@ def test_non_editable_install_finds_its_data(tmp_path):
              "p = pathlib.Path(tta.__file__).parent;"
              "assert (p / 'weights/digits_cnn.safetensors').is_file() and (p / 'conf/config.yaml').is_file();"
              "assert len(list((p / 'data/assets/frost').iterdir())) == 4;"
+             "import tta.data.ccc.setting as ccc;"
+             "assert ccc.SHIPPED_CALIBRATIONS['digits_cnn'].is_file();"
              "print('ok')") % target
     out = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env={"PYTHONPATH": str(target)},
                          capture_output=True, text=True, timeout=120)

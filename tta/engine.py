@@ -136,6 +136,7 @@ def run(
     stream_rate: float = 0.0,
     relative_cost: float | None = None,
     logger: Any | None = None,
+    per_batch_accuracy: bool = False,
 ) -> dict[str, Any]:
     """Adapt ``method`` online over ``stream`` and return results, counters and timings.
 
@@ -157,6 +158,9 @@ def run(
             the device accumulators there, never in the step: a :class:`~tta.monitor.StepMonitor`
             is attached to the method for the loss, entropy and predicted classes), and at the end
             the summary rows (:func:`tta.loggers.summary_rows`).
+        per_batch_accuracy: also return each batch's number of correct predictions and samples
+            (``batches``: for running-window curves, the ``ccc`` setting), counted on the device
+            and read once at the end (and at checkpoints).
     """
     device = torch.device(device) if device is not None else next(method.parameters()).device
     method.prepare(device=device, channels_last=channels_last, compile=compile, fast=fast)
@@ -168,10 +172,12 @@ def run(
             source_model.to(memory_format=torch.channels_last)
     tracker = RunProgress(device, resume, checkpoint=checkpoint, every=checkpoint_every)
     rate = StreamRate(stream_rate, relative_cost) if stream_rate else None
-    if rate is not None:
-        if "stream_rate" in tracker.extra:
-            rate.load_state_dict(tracker.extra["stream_rate"])
-        tracker.extra_state = lambda: {"stream_rate": rate.state_dict()}
+    if rate is not None and "stream_rate" in tracker.extra:
+        rate.load_state_dict(tracker.extra["stream_rate"])
+    batches = _BatchCounts(tracker.extra.get("batches")) if per_batch_accuracy else None
+    if rate is not None or batches is not None:
+        tracker.extra_state = lambda: {**({"stream_rate": rate.state_dict()} if rate is not None else {}),
+                                       **({"batches": batches.state_dict()} if batches is not None else {})}
     metrics: dict[str, DomainMetrics] = tracker.metrics
     # selection diagnostics: methods that learn from the samples of a batch (not the per-image view family)
     track_selection = bool(getattr(method, "learns", False)) and getattr(method, "policy_level", "") == "samples"
@@ -229,6 +235,8 @@ def run(
                 with torch.no_grad():
                     source_logits = source_model(x)
         metrics[current].update(logits, labels, source_logits)
+        if batches is not None:
+            batches.update(logits, labels)
         if track_selection and adapted:  # the method's stage masks of this batch, on the device
             stages = method.__dict__.pop("last_selection", None) or {}
             selection.setdefault(current, SelectionMetrics(device)).update(stages, logits, labels)
@@ -269,4 +277,24 @@ def run(
         "speed": {**method.speed.as_dict(), "amp": amp, "channels_last": channels_last},
         "selection": selection_record,
         "stream_rate": rate.record() if rate is not None else None,
+        "batches": batches.state_dict() if batches is not None else None,
     }
+
+
+class _BatchCounts:
+    """Correct predictions and samples per batch: device counts, read on the host only on request."""
+
+    def __init__(self, saved: Mapping[str, Any] | None = None):
+        self.correct: list[Any] = list((saved or {}).get("correct") or [])  # ints, then device tensors
+        self.samples: list[int] = list((saved or {}).get("samples") or [])
+        self._read = len(self.correct)  # entries before this one are ints already
+
+    def update(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        self.correct.append((logits.argmax(1) == labels).sum())
+        self.samples.append(int(labels.shape[0]))
+
+    def state_dict(self) -> dict[str, list[int]]:
+        if self._read < len(self.correct):  # one transfer for the counts since the last read
+            self.correct[self._read:] = [int(v) for v in torch.stack(self.correct[self._read:]).tolist()]
+            self._read = len(self.correct)
+        return {"correct": list(self.correct), "samples": list(self.samples)}

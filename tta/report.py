@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .aggregate import Cell, Stat, determined_by, group_cells, marks
+from .curves import curve_chart
 from .record import read_json
 
 
@@ -490,6 +491,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     (out / "report.md").write_text(table + "\n")
     sweep_chart(records, out / "report.png", args.metric)
     figures = [out / "report.png"] + ([out / "selection.png"] if selection_chart(records, out / "selection.png") else [])
+    figures += [out / "ccc.png"] if curve_chart(records, out / "ccc.png", "running-window accuracy") else []
     print(table)
     print(f"\nwrote {out / 'report.md'} and {' and '.join(str(f) for f in figures)}")
 

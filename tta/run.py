@@ -397,8 +397,12 @@ def _execute(cfg: dict[str, Any], out_dir: Path, overrides: list[str] | None = N
                                                           method_defaults(method_name), num_classes, overrides)
     data, _ = fit_preprocess_to_model(data, classifier.info.input_size, crop_pct=classifier.info.crop_pct)
     source = copy.deepcopy(classifier) if cfg.get("source_accuracy", True) else None
+    setting = dict(cfg["setting"])
+    if setting.get("name") == "ccc":  # its options live in the top-level ccc group (ccc.difficulty=...)
+        setting.update({k: v for k, v in dict(cfg.get("ccc") or {}).items() if v is not None})
+
     def make_stream(shuffle: bool):
-        return build_stream(data, setting=dict(cfg["setting"]), severity=cfg.get("severity"), seed=cfg["seed"],
+        return build_stream(data, setting=setting, severity=cfg.get("severity"), seed=cfg["seed"],
                             batch_size=cfg.get("batch_size"), device=device, shuffle=shuffle,
                             max_samples=cfg.get("max_samples"), on_bad_image=cfg.get("on_bad_image"),
                             channels=classifier.input_channels)
@@ -457,6 +461,7 @@ def _adapt_and_write(cfg, out_dir, data, method_name, method, classifier, stream
                      loggers) -> dict[str, Any]:
     """The online run and its outputs (run.json, results.md, results.png)."""
     from . import engine
+    from .curves import curve_chart, curve_summary
     from .record import build_record, write_json
     from .report import bar_chart, domain_table, stream_rate_summary
 
@@ -472,6 +477,8 @@ def _adapt_and_write(cfg, out_dir, data, method_name, method, classifier, stream
     record["protocol"] = protocol_record  # the benchmark protocol and where each hyperparameter came from
     record["selection"] = outcome.get("selection")  # what each selection stage kept, and its precision
     record["stream_rate"] = outcome.get("stream_rate")  # the rate, C (declared or measured), batches adapted/skipped
+    if outcome.get("batches") is not None:  # per-batch counts (the ccc setting's running-window curve)
+        record["batches"] = outcome["batches"]
     record["speed"] = outcome.get("speed")  # the speed options used (fast=true resolved: amp, channels_last, compile)
     record.update(session.record())  # "status": "finished", checkpoints written, resumptions
     write_json(out_dir / "run.json", record)
@@ -481,7 +488,13 @@ def _adapt_and_write(cfg, out_dir, data, method_name, method, classifier, stream
     if rate_line:
         table += f"\n\n{rate_line}"
     (out_dir / "results.md").write_text(f"# {title}\n\naccuracy (%)\n\n{table}\n")
-    bar_chart(outcome["results"], out_dir / "results.png", title)
+    ccc_line = curve_summary(record)
+    if ccc_line:  # a long single-domain stream: the running-window curve says more than one bar
+        table += f"\n\n{ccc_line}"
+        (out_dir / "results.md").write_text(f"# {title}\n\naccuracy (%)\n\n{table}\n")
+        curve_chart([record], out_dir / "results.png", title)
+    else:
+        bar_chart(outcome["results"], out_dir / "results.png", title)
     session.finish()
     print(f"\n{title}: accuracy (%)\n{table}\n\nrun folder: {out_dir} ({outcome['wall_time_s']:.1f} s)")
     return record

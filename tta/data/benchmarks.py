@@ -33,7 +33,7 @@ from . import settings as settings_module
 from .benchmark import Benchmark
 from .checks import positive_int, severity_list
 from .decode import Preprocess
-from .sources import FileSource, ImageSource, NoiseSource, index_image_files
+from .sources import FileSource, ImageSource, NoiseSource, index_class_folders, index_image_files
 from .stream import Domain, Stream
 
 LOADERS: Registry[Callable[..., Any]] = Registry("dataset kind")
@@ -138,6 +138,30 @@ def digits_c_domains(config: dict[str, Any], *, severity: int | list[int] | None
     source = ArraySource(images, labels, name="digits_test")
     return Benchmark(config.get("name", "digits_c"), corrupted_domains(config, source, severities_of(config, severity)),
                      clean=Domain("clean", source), image_size=(IMAGE_SIZE, IMAGE_SIZE))
+
+
+def ccc_benchmark(config: dict[str, Any], *, seed: int, load: Callable[[], Any]) -> Any:
+    """A benchmark whose clean images feed the stream: ``data.clean_root`` (class folders, labels =
+    sorted folder names unless ``data.classes`` says otherwise), else ``load()``'s clean images."""
+    root = config.get("clean_root")
+    if not root:
+        bench = load()
+        if bench.clean is None:
+            raise ValueError(f"the ccc setting needs clean images: {config.get('name')} has none; set "
+                             f"data.clean_root=<folder of class folders of clean images>")
+        clean = bench.clean() if callable(bench.clean) else bench.clean
+        return Benchmark(bench.name, [clean], clean=clean, image_size=bench.image_size)
+    folder = Path(os.path.expandvars(str(root))).expanduser()
+    if not folder.is_dir():
+        raise FileNotFoundError(f"ccc: data.clean_root {folder} is not a folder (expected <class>/<image files>)")
+    classes = class_list(config)
+    if classes is None:
+        classes = sorted(e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith("."))
+    files, labels = index_class_folders(folder, classes, what=f"ccc clean images {folder}")
+    crop = int(config.get("clean_crop") or config.get("crop") or 224)  # ImageNet val: Resize(256) + CenterCrop(224)
+    preprocess = preprocess_of({"resize": int(config.get("clean_resize") or round(crop / 0.875)), "crop": crop})
+    clean = Domain("clean", FileSource(folder, files, labels, preprocess, name="clean"))
+    return Benchmark(config.get("name", "ccc"), [clean], clean=clean, image_size=preprocess.output_size())
 
 
 def _import_loaders() -> None:
@@ -267,8 +291,14 @@ def build_stream(config: dict[str, Any], *, setting: str | dict[str, Any] | None
         severity = severity_list(severity)
     options = settings_module.resolve(setting)
     needed = settings_module.severities_needed(options)
-    bench = load_benchmark(config, severity=needed if needed is not None else severity, seed=seed)
-    bench = _with_subset(bench, config, seed)
+    if options["name"] == "ccc":  # clean images only: data.clean_root or the benchmark's clean split
+        from .ccc.setting import options_with_defaults
+
+        options = options_with_defaults(options, config)
+        bench = ccc_benchmark(config, seed=seed, load=lambda: load_benchmark(config, severity=severity, seed=seed))
+    else:
+        bench = load_benchmark(config, severity=needed if needed is not None else severity, seed=seed)
+        bench = _with_subset(bench, config, seed)
     plan = settings_module.plan(bench, options, seed=seed, shuffle=shuffle,
                                 ood_source=lambda needed: ood_source(bench, options, seed=seed, needed=needed))
     if batch_size is not None:
@@ -282,5 +312,9 @@ def build_stream(config: dict[str, Any], *, setting: str | dict[str, Any] | None
                     summarize=plan.summarize, channels=channels,
                     **loading_options(config, num_workers=num_workers, prefetch=prefetch, decode=decode,
                                        on_bad_image=on_bad_image))
+    if "ccc" in stream.info:  # a cut by max_samples= (any setting's) shortens the CCC stream too
+        ccc = stream.info["ccc"]
+        ccc["num_samples"] = stream.num_samples
+        ccc["truncated"] = stream.num_samples < ccc["reference_length"]
     engine = {"reset_each_domain": True, "open_set": False, **plan.engine}
     return stream, engine

@@ -23,6 +23,9 @@ open_set       out-of-distribution samples (label -1) mixed into each domain (``
 forgetting     continual with the clean images interleaved before the first and after every domain
                (EATA's continual protocol); clean accuracy before and after in ``results.forgetting``
 long_stream    continual over the domain list repeated ``rounds`` times (cut it with ``max_samples=``)
+ccc            a CCC-style stream (Press et al., NeurIPS 2023): corruption pairs that change continuously,
+               generated from clean images (``difficulty``, ``speed``, ``max_samples``, ``calibration``;
+               :mod:`tta.data.ccc`), continual, scored as one domain ``ccc``
 ============== ==========================================================================================
 
 Every setting is seeded by the stream seed; the same seed gives the same order (and, with the
@@ -59,8 +62,14 @@ SETTING_DEFAULTS: dict[str, dict[str, Any]] = {
                  "ood_root": None, "ood_corrupt": True},
     "forgetting": {"reset_each_domain": False, "clean_samples": None},
     "long_stream": {"reset_each_domain": False, "rounds": 10},
+    "ccc": {"reset_each_domain": False, "batch_size": 64},  # oripress/CCC eval.py line 33
 }
 COMMON_OPTIONS = ("name", "batch_size", "reset_each_domain")
+# options a setting takes from its own top-level group (``ccc.difficulty=hard``), not from ``setting.``
+GROUP_OPTIONS: dict[str, dict[str, Any]] = {
+    "ccc": {"difficulty": None, "speed": None, "max_samples": None, "calibration": None, "target": None,
+            "window": None, "flip": None, "crop_scale": None},
+}
 
 
 @dataclass
@@ -84,7 +93,7 @@ def resolve(setting: str | dict[str, Any] | None) -> dict[str, Any]:
     name = options.get("name")
     if name not in SETTING_DEFAULTS:
         raise ValueError(f"unknown setting {name!r}; available: {', '.join(available())}")
-    defaults = SETTING_DEFAULTS[name]
+    defaults = {**SETTING_DEFAULTS[name], **GROUP_OPTIONS.get(name, {})}
     unknown = sorted(set(options) - set(defaults) - set(COMMON_OPTIONS))
     if unknown:
         raise ValueError(f"setting {name!r} has no option(s) {', '.join(unknown)}; its options: "
@@ -388,8 +397,15 @@ def _long_stream(bench, options, seed, shuffle, ood_source=None) -> Plan:
     return Plan(parts, segments, {"reset_each_domain": bool(options["reset_each_domain"])}, info={"rounds": rounds})
 
 
+def _ccc(bench, options, seed, shuffle, ood_source=None) -> Plan:
+    from .ccc.setting import plan_ccc
+
+    parts, segments, record = plan_ccc(bench.clean, options, seed=seed)
+    return Plan(parts, segments, {"reset_each_domain": False, "per_batch_accuracy": True}, info={"ccc": record})
+
+
 _BUILDERS: dict[str, Callable[..., Plan]] = {
     "reset_each_shift": _plain, "continual": _plain, "mixed_domains": _mixed, "gradual": _gradual,
     "label_shift": _label_shift, "bs1": _plain, "open_set": _open_set, "forgetting": _forgetting,
-    "long_stream": _long_stream,
+    "long_stream": _long_stream, "ccc": _ccc,
 }  # bs1 is reset_each_shift; its batch_size option (1) is applied by build_stream

@@ -207,6 +207,7 @@ class Stream:
         if decode not in ("auto", "cpu", "cuda"):
             raise ValueError(f"decode must be auto, cpu or cuda, got {decode!r}")
         self.parts = list(parts)
+        self._codes: np.ndarray | None = None  # the parts' id codes (_ids)
         self.batch_size = batch_size
         self.seed = int(seed)
         self.device = torch.device(device)
@@ -268,11 +269,14 @@ class Stream:
         return sum(len(s) for s in self.segments)
 
     def _ids(self, part: np.ndarray, index: np.ndarray) -> np.ndarray:
-        codes = np.asarray([p.code for p in self.parts], dtype=np.int64)[part]
-        low = np.empty(len(index), dtype=np.int64)
+        if self._codes is None or len(self._codes) != len(self.parts):  # computed once: a ccc stream has many parts
+            self._codes = np.asarray([p.code for p in self.parts], dtype=np.int64)
+        codes = self._codes[part]
+        low = index.astype(np.int64)  # a part without its own ids: the index (sample_ids)
         for p in np.unique(part):
-            mask = part == p
-            low[mask] = sample_ids(self.parts[p], index[mask])
+            if self.parts[p].ids is not None:  # only these: a ccc stream has thousands of parts
+                mask = part == p
+                low[mask] = sample_ids(self.parts[p], index[mask])
         return (codes << 32) | (low & 0xFFFFFFFF)
 
     def plan_hash(self) -> str:
