@@ -113,32 +113,44 @@ def test_shape_dtype_range_any_size(name):
 # ------------------------------------------------------------------------ against reference
 
 
-@pytest.mark.parametrize("name", DETERMINISTIC)
-def test_deterministic_matches_reference(name, reference, photos):
+def _assert_psnr(name: str, photos, severities, run_reference, threshold: float) -> None:
+    """Ours against ``run_reference(image, severity)`` on every photograph at 224 and 32 px."""
     for size in (224, 32):
         images = photos[size]
-        for severity in SEVERITIES:
+        for severity in severities:
             ours = corrupt(_to_tensor(images), name, severity).permute(0, 2, 3, 1).double().numpy()
             for image, mine in zip(images, ours):
-                psnr = _psnr(mine, _run_reference(reference, name, image, severity))
-                assert psnr >= 30, f"{name} severity {severity} at {size} px: {psnr:.1f} dB"
+                psnr = _psnr(mine, run_reference(image, severity))
+                assert psnr >= threshold, f"{name} severity {severity} at {size} px: {psnr:.1f} dB"
 
 
-def _mean_change(name: str, severity: int, images: list[np.ndarray], draws: int, reference):
-    """Mean |corrupted - clean| over ``draws`` draws cycling over ``images``: (ours, reference)."""
+@pytest.mark.parametrize("name", DETERMINISTIC)
+def test_deterministic_matches_reference(name, reference, photos):
+    _assert_psnr(name, photos, SEVERITIES, lambda image, s: _run_reference(reference, name, image, s), 30)
+
+
+def _mean_change_against(name: str, severity: float, images: list[np.ndarray], draws: int, run_reference,
+                         dtype: torch.dtype = torch.float32):
+    """Mean |corrupted - clean| over ``draws`` draws cycling over ``images``: (ours, the reference's
+    ``run_reference(image, severity)`` with numpy's generator seeded per draw)."""
     batch = [images[i % len(images)] for i in range(draws)]
-    clean = _to_tensor(batch)
+    clean = torch.from_numpy(np.stack(batch)).permute(0, 3, 1, 2).to(dtype) / 255
     ours = (corrupt(clean, name, severity, ids=torch.arange(draws)) - clean).abs().mean()
     ref = []
     for i, image in enumerate(batch):
         np.random.seed(i)
         with np.errstate(invalid="ignore"):
-            change = np.abs(_run_reference(reference, name, image, severity) - image / 255).mean()
+            change = np.abs(run_reference(image, severity) - image / 255).mean()
         # The reference's water spatter divides by zero when a draw has no liquid at all (a few
         # percent of 32 px draws at severity 1) and returns NaN; ours leaves such images as they
         # are, so count them as unchanged.
         ref.append(0.0 if np.isnan(change) else change)
     return float(ours), float(np.mean(ref))
+
+
+def _mean_change(name: str, severity: int, images: list[np.ndarray], draws: int, reference):
+    return _mean_change_against(name, severity, images, draws,
+                                lambda image, s: _run_reference(reference, name, image, s))
 
 
 # The reference glass blur loops over pixels in Python (about 0.1 s per 96 px image and a second
@@ -178,29 +190,15 @@ def _run_reference_fractional(reference, name: str, image: np.ndarray, severity:
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n == "zoom_blur" else n
                                   for n in DETERMINISTIC])
 def test_deterministic_fractional_matches_reference(name, reference, photos):
-    for size in (224, 32):
-        images = photos[size]
-        for severity in FRACTIONAL:
-            ours = corrupt(_to_tensor(images), name, severity).permute(0, 2, 3, 1).double().numpy()
-            for image, mine in zip(images, ours):
-                psnr = _psnr(mine, _run_reference_fractional(reference, name, image, severity))
-                # 50 dB, not 30: every one is above 53 dB (pixelate: PIL's intermediate uint8) and
-                # most above 130 dB; 30 dB would let a one-pixel shift of a wide blur through
-                assert psnr >= 50, f"{name} severity {severity} at {size} px: {psnr:.1f} dB"
+    # 50 dB, not 30: every one is above 53 dB (pixelate: PIL's intermediate uint8) and most above
+    # 130 dB; 30 dB would let a one-pixel shift of a wide blur through
+    _assert_psnr(name, photos, FRACTIONAL, lambda image, s: _run_reference_fractional(reference, name, image, s), 50)
 
 
 def _mean_change_fractional(name: str, severity: float, images: list[np.ndarray], draws: int, reference,
                             dtype: torch.dtype = torch.float32):
-    batch = [images[i % len(images)] for i in range(draws)]
-    clean = torch.from_numpy(np.stack(batch)).permute(0, 3, 1, 2).to(dtype) / 255
-    ours = (corrupt(clean, name, severity, ids=torch.arange(draws)) - clean).abs().mean()
-    ref = []
-    for i, image in enumerate(batch):
-        np.random.seed(i)
-        with np.errstate(invalid="ignore"):
-            change = np.abs(_run_reference_fractional(reference, name, image, severity) - image / 255).mean()
-        ref.append(0.0 if np.isnan(change) else change)  # spatter without liquid (see _mean_change)
-    return float(ours), float(np.mean(ref))
+    return _mean_change_against(name, severity, images, draws,
+                                lambda image, s: _run_reference_fractional(reference, name, image, s), dtype)
 
 
 # At 32 px only (96 px for the integer severities above): the same draws per severity.
