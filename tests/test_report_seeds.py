@@ -156,3 +156,23 @@ def test_cli_names_the_keys_when_a_pivot_key_does_not_vary(tmp_path):
     sweep = write_sweep(tmp_path / "sweep")
     with pytest.raises(SystemExit, match=r"pivot keys \['severity'\] do not vary"):
         report.main([str(sweep), "--pivot", "severity"])
+
+
+def test_logging_and_other_settings_options_do_not_split_a_configuration():
+    """Runs that differ only in how they were observed (a logger, its cadence, checkpoints) or in the
+    options of a setting they did not use (ccc.*) are one configuration: their seeds form one cell."""
+    records = []
+    for seed, accs in enumerate(TENT):
+        record = fake_record("tent", seed, accs)
+        if seed:  # a later run: a logger attached, the ccc group in its config
+            record["config"].update(logger=["tensorboard"], log_every=5, checkpoint_every=10,
+                                    ccc={"difficulty": "medium"})
+        records.append(record)
+    cells, keys = group_cells(records)
+    assert len(cells) == 1 and cells[0].seeds == [0, 1, 2] and keys == []
+    ccc = [fake_record("tent", seed, accs, setting="ccc") for seed, accs in enumerate(TENT)]
+    ccc[0]["config"]["ccc"] = {"difficulty": "hard"}
+    for record in ccc[1:]:
+        record["config"]["ccc"] = {"difficulty": "medium"}
+    cells, keys = group_cells(ccc)
+    assert len(cells) == 2 and "ccc.difficulty" in keys  # where it shapes the stream, it splits

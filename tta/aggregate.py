@@ -16,8 +16,10 @@ import statistics
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
-#: config keys that never make two runs different configurations
-IGNORED = ("seed", "progress", "device", "hydra")
+#: config keys that never make two runs different configurations (what is observed and where it is
+#: written, not what is computed)
+IGNORED = ("seed", "progress", "device", "hydra", "logger", "log_every", "logger_options", "checkpoint_every",
+           "resume", "overwrite")
 
 
 @dataclass
@@ -133,6 +135,9 @@ def descriptor(record: dict[str, Any]) -> dict[str, Any]:
     flat["method"] = method_label(record)
     flat["model"] = (record.get("model") or {}).get("spec") or flat.get("model")
     flat["setting"] = flat.pop("setting.name", None) or (record.get("stream") or {}).get("setting")
+    if flat["setting"] != "ccc":  # the ccc options shape only that setting's stream
+        for key in [k for k in flat if k.startswith("ccc.")]:
+            del flat[key]
     return flat
 
 
