@@ -138,6 +138,9 @@ def descriptor(record: dict[str, Any]) -> dict[str, Any]:
     if flat["setting"] != "ccc":  # the ccc options shape only that setting's stream
         for key in [k for k in flat if k.startswith("ccc.")]:
             del flat[key]
+    else:  # ... which walks its own corruptions and severities
+        flat.pop("data.corruptions", None)
+        flat.pop("severity", None)
     return flat
 
 

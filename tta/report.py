@@ -283,7 +283,13 @@ def pivot_table(records: list[dict[str, Any]], columns: Sequence[str], metric: s
         col_values += [col] if col not in col_values else []
         row_values += [row] if row not in row_values else []
         table[(row, col)] = cell
-    row_values.sort(key=lambda r: r[1:])  # stable: methods keep their order within each group of other keys
+    if columns[0] == "setting":  # the settings in the order they are declared (tta.data.settings), then as met
+        from .data.settings import SETTING_DEFAULTS
+        order = list(SETTING_DEFAULTS)
+        col_values.sort(key=lambda c: order.index(c[0]) if c[0] in order else len(order))
+    # stable: methods keep their order of first appearance within each group of other keys, and the
+    # cross combinations (a method with another's policy: "tent+rotta_memory") come after the methods
+    row_values.sort(key=lambda r: (r[1:], "+" in r[0]))
     seeds = _has_seeds(cells)
     texts: dict[tuple[tuple[str, ...], tuple[str, ...]], str] = {}
     for col in col_values:
@@ -310,8 +316,12 @@ def pivot_table(records: list[dict[str, Any]], columns: Sequence[str], metric: s
         rows.append(f"| {' · '.join(r)} | " + " | ".join(texts.get((r, c), "–") for c in col_values) + " |")
     legend = (f"each entry: mean {metric} (%) over domains" + (" (" + SEED_LEGEND + ")" if seeds else "")
               + "; for learning methods then · kept % / precision % of the samples learned from (means over seeds)")
-    notes = [f"{k}={v} for {' · '.join(str(x) for x in json.loads(col))}" for k, values in fixed.items()
-             for col, v in values.items() if v is not None]
+    by_value: dict[tuple[str, str], list[str]] = {}  # one note per (key, value), naming all its columns
+    for k, values in fixed.items():
+        for col, v in values.items():
+            if v is not None:
+                by_value.setdefault((k, str(v)), []).append(_column_title(columns, tuple(str(x) for x in json.loads(col))))
+    notes = [f"{k}={v} for {', '.join(cols)}" for (k, v), cols in by_value.items()]
     if notes:
         legend += "; set per column: " + ", ".join(notes)
     return "\n".join(rows) + "\n\n" + legend
