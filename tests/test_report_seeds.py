@@ -167,6 +167,7 @@ def test_logging_and_other_settings_options_do_not_split_a_configuration():
         if seed:  # a later run: a logger attached, the ccc group in its config
             record["config"].update(logger=["tensorboard"], log_every=5, checkpoint_every=10,
                                     ccc={"difficulty": "medium"})
+            record["config"]["data"] = {"ccc": {"speed": 50}}  # a data config's ccc block
         records.append(record)
     cells, keys = group_cells(records)
     assert len(cells) == 1 and cells[0].seeds == [0, 1, 2] and keys == []

@@ -135,8 +135,8 @@ def descriptor(record: dict[str, Any]) -> dict[str, Any]:
     flat["method"] = method_label(record)
     flat["model"] = (record.get("model") or {}).get("spec") or flat.get("model")
     flat["setting"] = flat.pop("setting.name", None) or (record.get("stream") or {}).get("setting")
-    if flat["setting"] != "ccc":  # the ccc options shape only that setting's stream
-        for key in [k for k in flat if k.startswith("ccc.")]:
+    if flat["setting"] != "ccc":  # the ccc options (top level, or a data config's) shape only that setting's stream
+        for key in [k for k in flat if k.startswith(("ccc.", "data.ccc."))]:
             del flat[key]
     else:  # ... which walks its own corruptions and severities
         flat.pop("data.corruptions", None)
