@@ -22,6 +22,15 @@ IGNORED = ("seed", "progress", "device", "hydra", "logger", "log_every", "logger
            "resume", "overwrite")
 
 
+def _pooled_or_domain(block: dict[str, Any] | None, field_name: str, domain: str | None) -> Any:
+    """``field_name`` of a diagnostics block (``{"mean": ..., "domains": {...}}``): pooled over domains
+    (``domain=None``) or of one domain; ``None`` where the block or the value is missing."""
+    if not block:
+        return None
+    block = block.get("mean") if domain is None else block.get("domains", {}).get(domain)
+    return (block or {}).get(field_name)
+
+
 @dataclass
 class Stat:
     """Mean and sample standard deviation of one quantity over the seeds of a cell."""
@@ -72,22 +81,14 @@ class Cell:
         def value(record: dict[str, Any]) -> float | None:
             selection = record.get("selection") or {}
             block = selection.get("learned") if stage is None else (selection.get("policies") or {}).get(stage)
-            if not block:
-                return None
-            block = block.get("mean") if domain is None else block.get("domains", {}).get(domain)
-            return (block or {}).get(field_name)
+            return _pooled_or_domain(block, field_name, domain)
         return Stat.of(value(r) for r in self.records)
 
     def memory(self, field_name: str, domain: str | None = None) -> Stat:
         """A sample memory's diagnostic (``admitted_frac``, ``evicted``, ``precision``, ...; run.json's
         ``selection.memory``), pooled over domains (``domain=None``) or of one domain, over the seeds."""
-        def value(record: dict[str, Any]) -> float | None:
-            block = (record.get("selection") or {}).get("memory")
-            if not block:
-                return None
-            block = block.get("mean") if domain is None else block.get("domains", {}).get(domain)
-            return (block or {}).get(field_name)
-        return Stat.of(value(r) for r in self.records)
+        return Stat.of(_pooled_or_domain((r.get("selection") or {}).get("memory"), field_name, domain)
+                       for r in self.records)
 
     @property
     def has_memory(self) -> bool:
