@@ -9,9 +9,13 @@ written like the official code, side by side in one table.
 For each method the implementations adapt the same random-weight timm model (its head scaled so
 that about half of the samples pass the 0.4 ln C entropy filter, so the filters do real work) on
 the same random batches, one after the other in this process. The plain loop is what the official
-repositories do: fp32, eager, index lists for the selections, ``.item()`` / ``len()`` on the host,
-a Python loop over all named parameters for EATA's Fisher term, SAM as an optimizer wrapper with
-per-parameter loops, a deep-copied frozen model for wisdom-of-crowds.
+repositories do, in their structure: an ``nn.Module`` wrapper whose ``forward`` checks ``episodic``
+and runs ``steps`` calls of an ``@torch.enable_grad()`` adapt function, the entropy as their
+``@torch.jit.script`` ``softmax_entropy``, called by an evaluation loop under ``torch.no_grad()``
+(entered outside the timed call, once per batch here as once per loop there); fp32, eager, index
+lists for the selections, ``.item()`` / ``len()`` on the host, a Python loop over all named
+parameters for EATA's Fisher term, SAM as an optimizer wrapper with per-parameter loops, a
+deep-copied frozen model for wisdom-of-crowds; ``source`` is the bare model under ``no_grad``.
 
 Columns: ``ours`` is the method as built (fp32 eager; ``--amp``, ``--channels-last`` and
 ``--compile`` change it), ``ours fast`` the fast preset (``prepare(fast=True)``: bf16 autocast,
@@ -36,6 +40,7 @@ interleaved ratio to the table above.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import math
 import statistics
@@ -56,7 +61,9 @@ NORM = (nn.BatchNorm2d, nn.LayerNorm, nn.GroupNorm)
 
 
 # ---------------------------------------------------------------- the official-style plain loops
+@torch.jit.script
 def ent(z: torch.Tensor) -> torch.Tensor:
+    """The official ``softmax_entropy`` (Tent, EATA, SAR, DeYO: a TorchScript function)."""
     return -(z.softmax(1) * z.log_softmax(1)).sum(1)
 
 
@@ -79,10 +86,18 @@ def plain_configure(net: nn.Module, preset: str) -> list[tuple[str, nn.Parameter
     return params
 
 
-class Plain:
+class Plain(nn.Module):
+    """The official wrapper (``Tent``, ``EATA``, ``SAR``, ``DeYO``: an ``nn.Module``): ``forward``
+    resets when ``episodic`` and runs ``steps`` calls of the method's ``adapt`` (their
+    ``forward_and_adapt*``, decorated with ``@torch.enable_grad()``). The evaluation loop around it
+    runs under ``torch.no_grad()`` (:data:`EVAL_NO_GRAD`)."""
+
     preset = "norm"
+    episodic = False
+    steps = 1
 
     def __init__(self, clf, lr: float):
+        super().__init__()
         self.net = clf.net
         self.mean, self.std = clf.mean, clf.std
         self.params = plain_configure(self.net, self.preset)
@@ -92,9 +107,17 @@ class Plain:
     def model(self, x):
         return self.net((x - self.mean) / self.std)
 
+    def forward(self, x):
+        if self.episodic:
+            self.reset()
+        for _ in range(self.steps):
+            outputs = self.adapt(x)
+        return outputs
+
 
 class PlainTent(Plain):
-    def __call__(self, x):
+    @torch.enable_grad()
+    def adapt(self, x):
         out = self.model(x)
         ent(out).mean(0).backward()
         self.opt.step()
@@ -121,7 +144,17 @@ class PlainEATA(Plain):
                         self.fishers[name] = [f, p.data.clone()]
                 self.opt.zero_grad()
 
-    def __call__(self, x):
+    num_samples_update_1 = num_samples_update_2 = 0
+
+    def forward(self, x):  # the official EATA.forward: the adapt function's counts kept on the host
+        for _ in range(self.steps):
+            outputs, num_counts_2, num_counts_1 = self.adapt(x)
+            self.num_samples_update_2 += num_counts_2
+            self.num_samples_update_1 += num_counts_1
+        return outputs
+
+    @torch.enable_grad()
+    def adapt(self, x):
         e_margin = 0.4 * self.c
         out = self.model(x)
         e = ent(out)
@@ -149,7 +182,7 @@ class PlainEATA(Plain):
             loss.backward()
             self.opt.step()
         self.opt.zero_grad()
-        return out
+        return out, e.size(0), ids1[0].size(0)
 
 
 class PlainSAR(Plain):
@@ -160,7 +193,8 @@ class PlainSAR(Plain):
         self.ema = None
         self.initial = copy.deepcopy(self.net.state_dict())
 
-    def __call__(self, x):
+    @torch.enable_grad()
+    def adapt(self, x):
         margin, rho = 0.4 * self.c, 0.05
         self.opt.zero_grad()
         out = self.model(x)
@@ -191,15 +225,25 @@ class PlainSAR(Plain):
 
 class PlainDeYO(Plain):
     preset = "sar"
+    backward_samples = final_backward_samples = 0
 
-    def __call__(self, x):
+    def forward(self, x):  # the official DeYO.forward: the adapt function's counts kept on the host
+        for _ in range(self.steps):
+            outputs, backward, final_backward = self.adapt(x)
+            self.backward_samples += backward
+            self.final_backward_samples += final_backward
+        return outputs
+
+    @torch.enable_grad()
+    def adapt(self, x):
         out = self.model(x)
         self.opt.zero_grad()
         e = ent(out)
         ids1 = torch.where(e < 0.5 * self.c)
         e = e[ids1]
-        if len(e) == 0:
-            return out
+        backward = len(e)
+        if backward == 0:
+            return out, 0, 0
         xp = x[ids1].detach()
         n, ch, h, w = xp.shape
         p = 4
@@ -214,14 +258,15 @@ class PlainDeYO(Plain):
         plpd = (torch.gather(prob, 1, cls) - torch.gather(probp, 1, cls)).reshape(-1)
         ids2 = torch.where(plpd > 0.2)
         e = e[ids2]
-        if len(e) == 0:
-            return out
+        final_backward = len(e)
+        if final_backward == 0:
+            return out, backward, 0
         plpd = plpd[ids2]
         coeff = 1 / torch.exp(e.clone().detach() - 0.4 * self.c) + 1 / torch.exp(-1.0 * plpd.clone().detach())
         e.mul(coeff).mean(0).backward()
         self.opt.step()
         self.opt.zero_grad()
-        return out
+        return out, backward, final_backward
 
 
 class PlainCrowds(Plain):
@@ -229,7 +274,8 @@ class PlainCrowds(Plain):
         super().__init__(clf, lr)
         self.net0 = copy.deepcopy(self.net)
 
-    def __call__(self, x):
+    @torch.enable_grad()
+    def adapt(self, x):
         p0 = self.net0((x - self.mean) / self.std).softmax(1)
         v0, i0 = p0.max(1)
         out = self.model(x)
@@ -243,29 +289,29 @@ class PlainCrowds(Plain):
         return out
 
 
-class PlainSource(Plain):
-    """The source model as trained: eval mode (BatchNorm running statistics), no grad."""
+class PlainSource:
+    """The source model as trained: eval mode (BatchNorm running statistics), called bare by the
+    evaluation loop (under its ``no_grad``)."""
 
     def __init__(self, clf, lr):
         self.net = clf.net.eval().requires_grad_(False)
         self.mean, self.std = clf.mean, clf.std
 
-    @torch.no_grad()
     def __call__(self, x):
-        return self.model(x)
+        return self.net((x - self.mean) / self.std)
 
 
 class PlainNorm(Plain):
-    """BN adaptation: BatchNorm on test-batch statistics, no grad, no update."""
+    """BN adaptation (Tent's ``Norm`` module): BatchNorm on test-batch statistics, no update."""
 
     def __init__(self, clf, lr):
+        nn.Module.__init__(self)
         self.net = clf.net
         self.mean, self.std = clf.mean, clf.std
         plain_configure(self.net, "norm")
         self.net.requires_grad_(False)
 
-    @torch.no_grad()
-    def __call__(self, x):
+    def forward(self, x):
         return self.model(x)
 
 
@@ -299,6 +345,13 @@ def build_net(name: str, num_classes: int, device: torch.device, size: int) -> n
     return clf
 
 
+def eval_context(impl) -> contextlib.AbstractContextManager:
+    """The grad mode an implementation is called in: the official evaluation loops run under
+    ``torch.no_grad()`` (their adapt functions turn gradients back on); ours is called as a user
+    calls it. Entered outside the timed call."""
+    return torch.no_grad() if isinstance(impl, (Plain, PlainSource)) else contextlib.nullcontext()
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -308,6 +361,11 @@ def measure(step, xs, iters: int, warmup: int, device: torch.device,
             autocast=None) -> tuple[float, float | None, float]:
     """(images per second, peak CUDA MiB, seconds of the warm-up steps: the compile time of a compiled step)."""
     ctx = autocast or (lambda: torch.autocast(device.type, enabled=False))
+    with eval_context(step):
+        return _measure(step, xs, iters, warmup, device, ctx)
+
+
+def _measure(step, xs, iters, warmup, device, ctx) -> tuple[float, float | None, float]:
     sync(device)
     start = time.perf_counter()
     for i in range(warmup):
@@ -352,12 +410,14 @@ def interleaved(impls, xs, warmup: int, device: torch.device) -> list[float]:
         if i % 2:
             order.reverse()
         for k in order:
-            sync(device)
-            start = time.perf_counter()
-            impls[k](x)
-            sync(device)
+            with eval_context(impls[k]):
+                sync(device)
+                start = time.perf_counter()
+                impls[k](x)
+                sync(device)
+                elapsed = time.perf_counter() - start
             if i >= warmup:
-                spent[k] += time.perf_counter() - start
+                spent[k] += elapsed
     return spent
 
 

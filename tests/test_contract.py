@@ -170,3 +170,26 @@ def test_the_model_family_comes_from_the_network(build, family):
         warnings.simplefilter("ignore")
         lr = methods.build("tent", load_classifier(net, mean=(0.5,) * 3, std=(0.5,) * 3), batch_size=64).lr
     assert lr == pytest.approx(1e-3 if family == "vit" else 2.5e-4)
+
+
+@pytest.mark.parametrize("name", ["tent", "eta", "sar", "crowds", "cotta"])
+@pytest.mark.parametrize("caller_mode", [torch.no_grad, torch.inference_mode])
+def test_a_method_learns_the_same_inside_an_evaluation_loop_without_gradients(name, caller_mode):
+    """Evaluation loops run under ``torch.no_grad()`` (or ``inference_mode``); a learning method
+    still takes its step there, exactly as when called with gradients on (the official code's
+    ``@torch.enable_grad()``), and gives the same logits, weights and counters."""
+    from tta.data.digits import load_digits_split
+
+    images, _ = load_digits_split("test")
+    batches = images[:48].split(16)  # clean digits: confident, so ETA's entropy filter keeps some
+    reference, inside = (methods.build(name, digits(), lr=1e-2) for _ in range(2))
+    for x in batches:
+        torch.manual_seed(1)
+        expected = reference(x)
+        torch.manual_seed(1)
+        with caller_mode():
+            got = inside(x.clone())
+        assert torch.equal(got, expected)
+    assert inside.stats()["counters"] == reference.stats()["counters"]
+    assert inside.stats()["counters"]["steps"] > 0
+    assert all(torch.equal(a, b) for a, b in zip(inside.adapted_parameters(), reference.adapted_parameters()))

@@ -128,3 +128,63 @@ def test_nonfinite_found_flags_nan_and_inf_and_leaves_values_unchanged(dtype):
         spoiled = [t.clone() for t in tensors]
         spoiled[1][2, 1] = bad
         assert nonfinite_found(spoiled).tolist() == [1.0], bad
+
+
+@pytest.mark.parametrize("options", [
+    dict(momentum=0.9, foreach=True),
+    dict(momentum=0.9),  # foreach left to torch (per-tensor on the CPU)
+    dict(momentum=0.0),
+    dict(momentum=0.9, weight_decay=1e-2, nesterov=True, foreach=True),
+    dict(momentum=0.5, dampening=0.3, maximize=True),
+])
+def test_optimizer_step_is_bitwise_sgd_step(options):
+    """The guarded update's SGD step (torch's functional SGD, without ``SGD.step``'s wrappers) gives
+    bit for bit the parameters and momentum buffers of ``SGD.step()``, a parameter without a
+    gradient untouched, and the buffers created lazily as SGD creates them."""
+    from tta.objectives.update import optimizer_step
+
+    torch.manual_seed(0)
+    ours_w = [torch.randn(5, requires_grad=True), torch.randn(2, 3, requires_grad=True), torch.randn(4, requires_grad=True)]
+    plain_w = [w.detach().clone().requires_grad_(True) for w in ours_w]
+    ours, plain = (torch.optim.SGD(ws, lr=0.05, **options) for ws in (ours_w, plain_w))
+    for k in range(6):
+        grads = [torch.randn_like(w) for w in ours_w]
+        for ws in (ours_w, plain_w):
+            for i, (w, g) in enumerate(zip(ws, grads)):
+                w.grad = None if (i == 2 and k % 2) else g.clone()
+        optimizer_step(ours)
+        plain.step()
+        assert all(torch.equal(a, b) for a, b in zip(ours_w, plain_w)), k
+    for a, b in zip(ours_w, plain_w):
+        assert ours.state[a].keys() == plain.state[b].keys()
+        if "momentum_buffer" in plain.state[b]:
+            assert torch.equal(ours.state[a]["momentum_buffer"], plain.state[b]["momentum_buffer"])
+
+
+def test_optimizer_step_keeps_hooks_and_schedulers():
+    """Anything that observes ``SGD.step`` (a step hook, a global hook, an LR scheduler's call
+    count) still sees it: those optimizers take ``optimizer.step()`` itself."""
+    import warnings
+
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    from tta.objectives.update import optimizer_step
+
+    w = torch.ones(3, requires_grad=True)
+    opt = torch.optim.SGD([w], lr=0.1, momentum=0.9)
+    calls = []
+    handle = opt.register_step_post_hook(lambda *a: calls.append("own"))
+    w.grad = torch.ones(3)
+    optimizer_step(opt)
+    handle.remove()
+    handle = register_optimizer_step_pre_hook(lambda *a: calls.append("global"))
+    try:
+        optimizer_step(opt)
+    finally:
+        handle.remove()
+    assert calls == ["own", "global"]
+    scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # "lr_scheduler.step() before optimizer.step()" if the call went unseen
+        optimizer_step(opt)
+        scheduler.step()

@@ -99,12 +99,15 @@ def preserved_buffers(networks: Iterable[nn.Module]):
 class Counters(nn.Module):
     """Run counters kept on the device (read them with :meth:`as_dict`, which syncs once).
 
-    A host number added to a counter on the CPU (outside a compiled region) is written through a
-    NumPy view of the buffer's memory, without a tensor op (the same value, a fraction of the cost);
-    the view is dropped from copies and made again when the buffer changes (moved, reassigned)."""
+    A host number added outside a compiled region is held as a Python int until the counters are
+    read (:meth:`flush`: by :meth:`as_dict`, the state dict, loading a state, or reading a counter as
+    an attribute), then added to its buffer in one go: a batch's counts cost no tensor op and no
+    NumPy call on any device. Device tensors (and anything added in a compiled step) go straight to
+    the buffers, without a sync."""
 
     def __init__(self, names: Iterable[str] = ()):
         super().__init__()
+        self.__dict__["_pending"] = {}
         for name in names:
             self.register_buffer(name, torch.zeros((), dtype=torch.long))
 
@@ -113,27 +116,47 @@ class Counters(nn.Module):
         if name not in buffers:
             device = value.device if torch.is_tensor(value) else self._device()
             self.register_buffer(name, torch.zeros((), dtype=torch.long, device=device))
-        if type(value) is int and not torch.compiler.is_compiling():  # a host number: on the CPU, no op
-            buffer = buffers[name]
-            view = self.__dict__.setdefault("_host_views", {}).get(name)
-            if view is None or view[0] is not buffer or view[2] != buffer.data_ptr():
-                view = None
-                if buffer.device.type == "cpu" and buffer.is_contiguous() and not buffer.requires_grad:
-                    view = self._host_views[name] = (buffer, buffer.numpy(), buffer.data_ptr())
-            if view is not None:
-                view[1][()] += value  # the buffer's own memory, through a NumPy view: no op dispatched
-                return
+        if type(value) is int and not torch.compiler.is_compiling():  # a host number: held until read
+            pending = self.__dict__["_pending"]
+            pending[name] = pending.get(name, 0) + value
+            return
         buffers[name] += value
 
-    def __getstate__(self) -> dict[str, Any]:
-        state = dict(super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__)
-        state.pop("_host_views", None)  # views of this object's buffers: a copy makes its own
-        return state
+    @torch.no_grad()
+    def flush(self) -> None:
+        """Add the host numbers held by :meth:`add` to their buffers (one op per counter that moved)."""
+        pending = self.__dict__["_pending"]
+        if pending and not torch.compiler.is_compiling():
+            buffers = self._buffers
+            for name, value in pending.items():
+                if value:
+                    buffers[name] += value
+            pending.clear()
+
+    def __getattr__(self, name: str) -> Any:
+        if name in self.__dict__.get("_buffers", ()):  # a counter read as an attribute: its current value
+            self.flush()
+        return super().__getattr__(name)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        self.flush()
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        self.flush()  # the loaded values replace whatever had been counted
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        state.setdefault("_pending", {})
+        super().__setstate__(state)
 
     def _device(self) -> torch.device:
         return next(iter(self._buffers.values())).device if self._buffers else torch.device("cpu")
 
     def as_dict(self) -> dict[str, int]:
+        self.flush()
         if not self._buffers:
             return {}
         values = torch.stack([b.cpu() for b in self._buffers.values()]).tolist()
@@ -150,6 +173,13 @@ def make_optimizer(name: str, params: Sequence[nn.Parameter], lr: float, momentu
     if name == "adamw":
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     raise ValueError(f"unknown optimizer {name!r}; use sgd, adam or adamw")
+
+
+@contextlib.contextmanager
+def _LEARNING_UNDER_INFERENCE_MODE():
+    """Inference mode off and gradients on (a learning step inside a caller's ``torch.inference_mode()``)."""
+    with torch.inference_mode(False), torch.enable_grad():
+        yield
 
 
 def _locked_reset(reset: Callable[..., Any]) -> Callable[..., Any]:
@@ -389,6 +419,7 @@ class Method(nn.Module):
         seen = self.__dict__.get("_auto_seen", 0) + 1
         self.__dict__["_auto_seen"] = seen
         if seen % SKIP_EMPTY_WINDOW == 0:
+            self.counters.flush()
             names = [n for n in ("batches", "skipped_empty", "empty_selection_steps") if n in self.counters._buffers]
             values = dict(zip(names, torch.stack([self.counters._buffers[n] for n in names]).tolist()))  # one sync
             batches, empty = values["batches"], values.get("skipped_empty", 0) + values.get("empty_selection_steps", 0)
@@ -410,7 +441,9 @@ class Method(nn.Module):
         when read already). Returns the device bool "the step was kept" (false)."""
         if self.update is not None:
             self.update.clear_grads()
-        ok = torch.zeros((), dtype=torch.bool, device=weights.device)
+            ok = self.update._flag(False)  # a shared constant (callers only read it)
+        else:
+            ok = torch.zeros((), dtype=torch.bool, device=weights.device)
         if kept is not None and self._host_guard:  # the size was read already: count with it
             self._record_step_on_host(False, kept, None, True, backwards)
         else:
@@ -566,12 +599,21 @@ class Method(nn.Module):
         param = self.__dict__.get("_first_param", False)
         if param is False:  # found once (a parameter moved by .to() is the same object); cleared by _apply
             param = self.__dict__["_first_param"] = next(self.model.parameters(), None)
+        input_range = self.__dict__.get("input_range", (0.0, 1.0))
+        values_checked = self.nonfinite == "raise" or input_range is not None
+        # a batch of the metadata (shape, dtype, device) last accepted passes without the metadata checks
+        signature = (x.shape, x.dtype, x.device) if type(x) is torch.Tensor and not values_checked else None
+        if signature is not None and signature == self.__dict__.get("_accepted_input"):
+            return
         check_batch(x, channels=getattr(self.model, "input_channels", 3), nonfinite=self.nonfinite,
-                    input_range=self.__dict__.get("input_range", (0.0, 1.0)), tolerance=INPUT_TOLERANCE,
+                    input_range=input_range, tolerance=INPUT_TOLERANCE,
                     dtype=None if param is None else param.dtype, device=None if param is None else param.device)
+        if signature is not None and param is not None and x.dtype is param.dtype:  # not an autocast exception
+            self.__dict__["_accepted_input"] = signature
 
     def _apply(self, fn, *args, **kwargs):
         self.__dict__.pop("_first_param", None)  # the input check looks it up again
+        self.__dict__.pop("_accepted_input", None)
         return super()._apply(fn, *args, **kwargs)
 
     # ------------------------------------------------------------------ predicting without adapting
@@ -726,7 +768,7 @@ class Method(nn.Module):
             monitor = self._modules.get("step_monitor")  # tta.monitor: this call's statistics, on the device
             started = time.perf_counter() if monitor is not None else 0.0
             try:
-                with self.speed_context(args[0] if args else kwargs.get("x")):
+                with self.speed_context(args[0] if args else kwargs.get("x")), self._grad_context():
                     out = super().__call__(*args, **kwargs)
             except BaseException:
                 if self.optimizer is not None:  # a step cut short must not leave gradients for the next one
@@ -738,6 +780,18 @@ class Method(nn.Module):
             if monitor is not None:
                 monitor.observe(out, time.perf_counter() - started)
             return out
+
+    def _grad_context(self) -> contextlib.AbstractContextManager:
+        """Gradients on for the call of a method that learns, whatever the caller's mode: an evaluation
+        loop under ``torch.no_grad()`` (the usual one) still adapts, as the official Tent/EATA/SAR/DeYO
+        code ensures with ``@torch.enable_grad()`` on its step; under ``torch.inference_mode()`` the
+        step runs with inference mode off (the returned logits are ordinary tensors). Nothing to do
+        (no context) when gradients are on already or the method does not learn."""
+        if not self.learns or (torch.is_grad_enabled() and not torch.is_inference_mode_enabled()):
+            return contextlib.nullcontext()
+        if torch.is_inference_mode_enabled():
+            return _LEARNING_UNDER_INFERENCE_MODE()
+        return torch.enable_grad()
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__)

@@ -28,8 +28,51 @@ import math
 from typing import Sequence
 
 import torch
+from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimizer_pre_hooks
+from torch.optim.sgd import sgd as _sgd_update
 
 _PRIMABLE = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW)
+
+
+def _bare_sgd(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``optimizer.step()`` would be torch's SGD update and nothing else: exactly
+    ``torch.optim.SGD``, no step hooks (its own or global), its ``step`` not wrapped on the instance
+    (an LR scheduler counting the calls wraps it), no differentiable group, eager."""
+    return (type(optimizer) is torch.optim.SGD and "step" not in optimizer.__dict__
+            and not optimizer._optimizer_step_pre_hooks and not optimizer._optimizer_step_post_hooks
+            and not _global_optimizer_pre_hooks and not _global_optimizer_post_hooks
+            and not optimizer.defaults.get("differentiable", False) and not torch.compiler.is_compiling())
+
+
+@torch.no_grad()
+def optimizer_step(optimizer: torch.optim.Optimizer) -> None:
+    """``optimizer.step()``; for a bare ``torch.optim.SGD`` (:func:`_bare_sgd`) the same update
+    through torch's functional SGD (``torch.optim.sgd.sgd``, the function ``SGD.step`` calls), without
+    the method's wrappers (the profiler's record scope, the hook loops, the grad-mode and compiler
+    guards, the per-group state gathering in ``_init_group``): bitwise the same parameters and
+    momentum buffers, a fraction of the Python work per step (it shows at small batches on a CPU).
+    Anything else (another optimizer, hooks, a scheduler's wrapper, sparse gradients) calls
+    ``optimizer.step()``."""
+    if not _bare_sgd(optimizer):
+        optimizer.step()
+        return
+    state = optimizer.state
+    for group in optimizer.param_groups:
+        params = [p for p in group["params"] if p.grad is not None]
+        if not params:
+            continue
+        grads = [p.grad for p in params]
+        if any(g.is_sparse for g in grads):
+            optimizer.step()  # before any group moved: the sparse path is torch's own
+            return
+        momentum = group["momentum"]
+        buffers = [state[p].get("momentum_buffer") for p in params] if momentum != 0 else []
+        _sgd_update(params, grads, buffers, weight_decay=group["weight_decay"], momentum=momentum, lr=group["lr"],
+                    dampening=group["dampening"], nesterov=group["nesterov"], maximize=group["maximize"],
+                    foreach=group["foreach"], fused=group["fused"], grad_scale=getattr(optimizer, "grad_scale", None),
+                    found_inf=getattr(optimizer, "found_inf", None))
+        for p, buffer in zip(params, buffers):  # a first step creates the buffers (as SGD.step stores them)
+            state[p]["momentum_buffer"] = buffer
 
 
 def _prime_state(optimizer: torch.optim.Optimizer) -> None:
@@ -52,6 +95,20 @@ def _prime_state(optimizer: torch.optim.Optimizer) -> None:
                     state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
 
+_UNITS: dict[torch.device, torch.Tensor] = {}
+
+
+def _unit(device: torch.device) -> torch.Tensor:
+    """A 1-element ``1.0`` on ``device``, made once per device (the check's unscale factor: only read);
+    a fresh one inside a compiled region."""
+    if torch.compiler.is_compiling():
+        return torch.ones(1, device=device)
+    unit = _UNITS.get(device)
+    if unit is None:
+        unit = _UNITS[device] = torch.ones(1, device=device)
+    return unit
+
+
 def nonfinite_found(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     """A 1-element float tensor on the tensors' device: 1 when any of ``tensors`` holds a NaN or an
     infinity, else 0 — in one multi-tensor kernel (torch's mixed-precision check,
@@ -63,7 +120,7 @@ def nonfinite_found(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     found = torch.zeros(1, device=device)
     if all(t.device == device for t in tensors):
         try:
-            torch._amp_foreach_non_finite_check_and_unscale_(list(tensors), found, torch.ones(1, device=device))
+            torch._amp_foreach_non_finite_check_and_unscale_(list(tensors), found, _unit(device))
             return found
         except (RuntimeError, NotImplementedError):  # pragma: no cover - a backend without the kernel
             found.zero_()
@@ -224,7 +281,7 @@ class GuardedStep:
             self.stepped = bool(ok) and self._grads_finite_on_host()
             if self.stepped:
                 self.prime()
-                self.optimizer.step()
+                optimizer_step(self.optimizer)
             return self._flag(self.stepped)
         ok = ok & self.grads_finite()
         for p in self.params:
@@ -234,8 +291,8 @@ class GuardedStep:
             self.prime()  # here too, not only at construction: the parameters may have moved since
             tensors = self._state_tensors()
             snapshot = self._snapshot_of(tensors)
-            self.optimizer.step()
+            optimizer_step(self.optimizer)
             select_(tensors, snapshot, ~ok)
         elif bool(ok):
-            self.optimizer.step()
+            optimizer_step(self.optimizer)
         return ok

@@ -40,7 +40,7 @@ class EntropyMargin(Policy):
         return entropy_threshold(self.fraction, self.margin, num_classes)
 
     def forward(self, ctx: BatchContext, alive: torch.Tensor) -> torch.Tensor:
-        keep = alive & (ctx.entropy.detach() < self.threshold(ctx.num_classes))
+        keep = alive & (ctx.entropy < self.threshold(ctx.num_classes))  # a comparison records no gradient
         return keep.to(torch.float32)
 
     def hparams(self) -> dict[str, Any]:
