@@ -112,6 +112,18 @@ def test_batch_size_one_with_batchnorm_warns_once_and_still_runs():
     assert method.stats()["counters"]["steps"] == 2
 
 
+def test_batch_size_one_without_batchnorm_does_not_warn():
+    """A GroupNorm model normalises each image on its own: batch size 1 is fine there."""
+    import warnings
+
+    method = tta.methods.build("tent", load_classifier("digits_gn"), batch_size=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(2):
+            method(torch.rand(1, 3, 32, 32))
+    assert method.stats()["counters"]["batches"] == 2
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 def test_nonfinite_found_flags_nan_and_inf_and_leaves_values_unchanged(dtype):
     """The guard's gradient check (one multi-tensor kernel): 1 for a NaN or an infinity anywhere,

@@ -79,10 +79,13 @@ class BatchMethod(Method):
                 domain: str | None = None) -> torch.Tensor:
         """Predict on ``x`` (N, C, H, W) in [0, 1], then adapt on it; ``ids``/``domain`` are not used."""
         self.check_input(x)
-        if x.shape[0] == 1 and self.batch_stats and "bs1" not in self.__dict__.get("_warned", ()) \
-                and has_batchnorm(self.model.net):
-            self.warn_once("bs1", "batch size 1 with BatchNorm: test-batch statistics come from a single image and "
-                                  "are degenerate (it still runs)")
+        if x.shape[0] == 1 and self.batch_stats and "bs1" not in self.__dict__.get("_warned", ()):
+            has_bn = self.__dict__.get("_has_batchnorm")
+            if has_bn is None:  # looked up once: a walk over every module is not a per-batch cost
+                has_bn = self.__dict__["_has_batchnorm"] = has_batchnorm(self.model.net)
+            if has_bn:
+                self.warn_once("bs1", "batch size 1 with BatchNorm: test-batch statistics come from a single image "
+                                      "and are degenerate (it still runs)")
         if self.episodic:
             self.reset()
         self.periodic_reset()  # reset_every (tta.methods.periodic)

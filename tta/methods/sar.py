@@ -120,7 +120,7 @@ class SAR(BatchMethod):
         self._observe_loss(loss)  # the first (unperturbed) loss, for an attached monitor
         ok_first = loss.detach().isfinite()
         loss.backward()
-        self.sam.ascend(ok_first)
+        self.sam.ascend(ok_first, host=self._host_guard)
 
         entropy2 = shannon_entropy(self.run_model(x))  # full batch at theta + e
         keep2 = (weights > 0) & (entropy2.detach() < self.margin())
@@ -188,7 +188,11 @@ class SAR(BatchMethod):
 
     @torch.no_grad()
     def _recover(self, flag: torch.Tensor) -> None:
-        """Reset model and optimizer where ``flag`` (a device bool), without a host sync."""
+        """Reset model and optimizer where ``flag`` (a device bool), without a host sync; where reads
+        are free (the CPU, :meth:`plan_skip`) the flag is read and nothing runs while it is false."""
+        if self._host_guard and not bool(flag):
+            self.counters.add("recoveries", 0)
+            return
         params = self.adapted_parameters()
         select_(params, [self._buffers[f"initial_{i}"] for i in range(len(params))], flag)
         state = ([v for p in params for v in self.optimizer.state[p].values() if torch.is_tensor(v)]

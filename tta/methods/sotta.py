@@ -139,7 +139,7 @@ class SoTTA(BatchMethod):
         self._observe_loss(loss)  # the first (unperturbed) loss, for an attached monitor
         ok_first = loss.detach().isfinite()
         loss.backward()
-        self.sam.ascend(ok_first)
+        self.sam.ascend(ok_first, host=self._host_guard)
         loss2 = weighted_mean(entropy_loss_terms(self.run_model(images), self.temperature), weights)
         ok = loss2.detach().isfinite()
         loss2.backward()

@@ -31,15 +31,22 @@ class SAMPerturbation:
         self._saved: list[torch.Tensor] | None = None
 
     @torch.no_grad()
-    def ascend(self, ok: torch.Tensor | bool = True) -> torch.Tensor:
-        """Move to ``theta + e`` using the current gradients, then drop them. Returns ``||g||``."""
+    def ascend(self, ok: torch.Tensor | bool = True, *, host: bool = False) -> torch.Tensor:
+        """Move to ``theta + e`` using the current gradients, then drop them. Returns ``||g||``.
+
+        ``host=True`` (where a read is free: the CPU) reads the gradients' finiteness first and uses
+        finite gradients as they are, without the zeroing copies (the same ``e``)."""
         params = [p for p in self.params if p.grad is not None]
         self._saved = [p.detach().clone() for p in params]
         if not params:
             self._saved_params = params
             return torch.zeros(())
-        grads = [p.grad.nan_to_num(0.0, 0.0, 0.0) for p in params]
-        finite = nonfinite_found([p.grad for p in params])[0] == 0
+        found = nonfinite_found([p.grad for p in params])
+        finite = found[0] == 0
+        if host and not bool(found):  # finite: zeroing non-finite entries would copy them unchanged
+            grads = [p.grad for p in params]
+        else:
+            grads = [p.grad.nan_to_num(0.0, 0.0, 0.0) for p in params]
         if self.adaptive:
             norm_terms = torch._foreach_mul(grads, torch._foreach_abs(params))
         else:
