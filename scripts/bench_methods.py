@@ -107,11 +107,18 @@ class Plain(nn.Module):
     def model(self, x):
         return self.net((x - self.mean) / self.std)
 
+    #: the host counters the official ``forward`` adds the adapt function's extra return values to (EATA, DeYO)
+    counts: tuple[str, ...] = ()
+
     def forward(self, x):
         if self.episodic:
             self.reset()
         for _ in range(self.steps):
             outputs = self.adapt(x)
+            if self.counts:
+                outputs, *values = outputs
+                for name, value in zip(self.counts, values):
+                    setattr(self, name, getattr(self, name, 0) + value)
         return outputs
 
 
@@ -144,14 +151,7 @@ class PlainEATA(Plain):
                         self.fishers[name] = [f, p.data.clone()]
                 self.opt.zero_grad()
 
-    num_samples_update_1 = num_samples_update_2 = 0
-
-    def forward(self, x):  # the official EATA.forward: the adapt function's counts kept on the host
-        for _ in range(self.steps):
-            outputs, num_counts_2, num_counts_1 = self.adapt(x)
-            self.num_samples_update_2 += num_counts_2
-            self.num_samples_update_1 += num_counts_1
-        return outputs
+    counts = ("num_samples_update_2", "num_samples_update_1")  # the official EATA.forward's
 
     @torch.enable_grad()
     def adapt(self, x):
@@ -225,14 +225,7 @@ class PlainSAR(Plain):
 
 class PlainDeYO(Plain):
     preset = "sar"
-    backward_samples = final_backward_samples = 0
-
-    def forward(self, x):  # the official DeYO.forward: the adapt function's counts kept on the host
-        for _ in range(self.steps):
-            outputs, backward, final_backward = self.adapt(x)
-            self.backward_samples += backward
-            self.final_backward_samples += final_backward
-        return outputs
+    counts = ("backward_samples", "final_backward_samples")  # the official DeYO.forward's
 
     @torch.enable_grad()
     def adapt(self, x):
