@@ -157,9 +157,11 @@ def test_skip_empty_reads_once_per_batch_where_asked(name, mode):
     assert sites.pop(("core.py", "select"), 0) <= (2 * BATCHES if name == "eta" else 0), counter.report()
     # the guarded update's decision (the loss, the gradients) and its counts, read on the host where
     # reads are free (the CPU) (SAR: its official step on an empty S1 reads the size and the logits'
-    # finiteness there too)
+    # finiteness there too, its recovery flag before the recovery's ops, and the SAM ascent the
+    # gradients' finiteness before using them as they are)
     assert set(sites) <= {("update.py", "__call__"), ("update.py", "apply"), ("update.py", "_grads_finite_on_host"),
-                          ("core.py", "record_step"), ("sar.py", "_zero_gradient_step")}, counter.report()
+                          ("core.py", "record_step"), ("sar.py", "_zero_gradient_step"), ("sar.py", "_recover"),
+                          ("sam.py", "ascend")}, counter.report()
 
 
 def test_sar_recovery_and_guarded_skip_have_no_host_sync():
