@@ -209,14 +209,14 @@ def test_policies_after_an_empty_filter_are_skipped_with_the_same_result(name, m
     assert calls["never"] == len(xs) and calls["auto"] == first_kept < len(xs)  # called only after a non-empty filter
 
 
-def test_counters_add_host_numbers_through_their_own_memory():
-    """On the CPU a counter adds a host number through a NumPy view of its buffer: the buffer (and so
-    ``state_dict``) sees it, a copy counts on its own, and a loaded or replaced buffer is written, not
-    a stale view."""
+def test_counters_hold_host_numbers_until_read():
+    """A host number added to a counter is held until the counters are read: ``as_dict``, the state
+    dict and an attribute read see it, a copy counts on its own, a loaded state replaces what was
+    counted, a replaced buffer is the one added to, and a pickled copy keeps the pending counts."""
     import copy
     import pickle
 
-    from tta.methods.core import Counters
+    from tta.methods.counters import Counters
 
     c = Counters(["a"])
     c.add("a", 2)
@@ -234,3 +234,12 @@ def test_counters_add_host_numbers_through_their_own_memory():
     restored = pickle.loads(pickle.dumps(c))
     restored.add("a", 1)
     assert restored.as_dict() == {"a": 6} and c.as_dict() == {"a": 5}
+    c.add("a", 2)
+    assert c.state_dict()["a"].item() == 7  # a pending count is in the saved state
+    c.add("a", 3)
+    assert int(c.a) == 10  # and in an attribute read
+    c.add("b", 4)  # a counter first seen as a host number: registered at once, counted when read
+    assert "b" in c._buffers and c.as_dict() == {"a": 10, "b": 4}
+    c.add("a", 100)
+    c.load_state_dict({"a": torch.tensor(1), "b": torch.tensor(2)})  # what was counted is replaced
+    assert c.as_dict() == {"a": 1, "b": 2}
