@@ -421,21 +421,26 @@ class Method(nn.Module):
             return weights
         alive = weights > 0
         masks = [alive]  # alive before the first policy, then kept after each (= alive before the next)
-        host, empty = self._host_guard, False
+        host, empty, empty_from = self._host_guard, False, None
         for i, (key, policy) in enumerate(zip(keys, self.policies)):
             if host and i and policy.inert_when_empty:  # reads are free: no sample alive, no call
                 empty = empty or not bool(alive.any())
                 if empty:  # its factor (0 for every sample not alive) would change no weight
+                    empty_from = i if empty_from is None else empty_from
                     self.last_selection[key] = alive
                     masks.append(alive)
                     continue
             weights = weights * policy(ctx, alive)
             alive = weights > 0
-            empty = False
+            empty, empty_from = False, None
             self.last_selection[key] = alive
             masks.append(alive)
         if self._host_guard:  # reads are free (the CPU): every stage's count in one read, added as numbers
-            counts = torch.stack(masks).sum(dim=1).tolist()
+            if empty_from is None:
+                counts = torch.stack(masks).sum(dim=1).tolist()
+            else:  # from stage empty_from on nothing is alive (read already): only the stages before are counted
+                known = [ctx.batch_size] + (torch.stack(masks[1:empty_from]).sum(dim=1).tolist() if empty_from > 1 else [])
+                counts = known + [0] * (len(masks) - len(known))
             self.__dict__["_host_kept"] = (weights, counts[-1])  # the step's kept count: no second read
             buffers = self.policy_counters._buffers
             for i, key in enumerate(keys):
@@ -702,7 +707,10 @@ class Method(nn.Module):
             monitor = self._modules.get("step_monitor")  # tta.monitor: this call's statistics, on the device
             started = time.perf_counter() if monitor is not None else 0.0
             try:
-                with self.speed_context(args[0] if args else kwargs.get("x")), self._grad_context():
+                if self.speed.amp or (self.learns and (not torch.is_grad_enabled() or torch.is_inference_mode_enabled())):
+                    with self.speed_context(args[0] if args else kwargs.get("x")), self._grad_context():
+                        out = super().__call__(*args, **kwargs)
+                else:  # no context to enter (the usual call): none made
                     out = super().__call__(*args, **kwargs)
             except BaseException:
                 if self.optimizer is not None:  # a step cut short must not leave gradients for the next one
