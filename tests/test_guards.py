@@ -173,6 +173,23 @@ def test_optimizer_step_is_bitwise_sgd_step(options):
             assert torch.equal(ours.state[a]["momentum_buffer"], plain.state[b]["momentum_buffer"])
 
 
+def test_optimizer_step_with_a_sparse_gradient_in_a_later_group_steps_each_group_once():
+    """A sparse gradient anywhere sends the whole step to ``SGD.step()``, decided before any group
+    moved (a dense group updated first and again by ``SGD.step()`` would be stepped twice)."""
+    from tta.objectives.update import optimizer_step
+
+    ours = [torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(4))]
+    plain = [torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(4))]
+    for ws in (ours, plain):
+        ws[0].grad = torch.ones(3)
+        ws[1].grad = torch.sparse_coo_tensor([[1]], [2.0], (4,))
+    ours_opt = torch.optim.SGD([{"params": [ours[0]]}, {"params": [ours[1]]}], lr=0.1)
+    plain_opt = torch.optim.SGD([{"params": [plain[0]]}, {"params": [plain[1]]}], lr=0.1)
+    optimizer_step(ours_opt)
+    plain_opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(ours, plain))
+
+
 def test_optimizer_step_keeps_hooks_and_schedulers():
     """Anything that observes ``SGD.step`` (a step hook, a global hook, an LR scheduler's call
     count) still sees it: those optimizers take ``optimizer.step()`` itself."""

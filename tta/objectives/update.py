@@ -35,13 +35,15 @@ _PRIMABLE = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW)
 
 
 def _bare_sgd(optimizer: torch.optim.Optimizer) -> bool:
-    """Whether ``optimizer.step()`` would be torch's SGD update and nothing else: exactly
+    """Whether ``optimizer.step()`` would be torch's dense SGD update and nothing else: exactly
     ``torch.optim.SGD``, no step hooks (its own or global), its ``step`` not wrapped on the instance
-    (an LR scheduler counting the calls wraps it), no differentiable group, eager."""
+    (an LR scheduler counting the calls wraps it), not differentiable, eager, and no sparse gradient
+    in any group (decided before any group moves)."""
     return (type(optimizer) is torch.optim.SGD and "step" not in optimizer.__dict__
             and not optimizer._optimizer_step_pre_hooks and not optimizer._optimizer_step_post_hooks
             and not _global_optimizer_pre_hooks and not _global_optimizer_post_hooks
-            and not optimizer.defaults.get("differentiable", False) and not torch.compiler.is_compiling())
+            and not optimizer.defaults.get("differentiable", False) and not torch.compiler.is_compiling()
+            and not any(p.grad is not None and p.grad.is_sparse for g in optimizer.param_groups for p in g["params"]))
 
 
 @torch.no_grad()
@@ -62,9 +64,6 @@ def optimizer_step(optimizer: torch.optim.Optimizer) -> None:
         if not params:
             continue
         grads = [p.grad for p in params]
-        if any(g.is_sparse for g in grads):
-            optimizer.step()  # before any group moved: the sparse path is torch's own
-            return
         momentum = group["momentum"]
         buffers = [state[p].get("momentum_buffer") for p in params] if momentum != 0 else []
         _sgd_update(params, grads, buffers, weight_decay=group["weight_decay"], momentum=momentum, lr=group["lr"],
