@@ -110,7 +110,7 @@ def make_optimizer(name: str, params: Sequence[nn.Parameter], lr: float, momentu
 
 
 @contextlib.contextmanager
-def _LEARNING_UNDER_INFERENCE_MODE():
+def _learning_under_inference_mode():
     """Inference mode off and gradients on (a learning step inside a caller's ``torch.inference_mode()``)."""
     with torch.inference_mode(False), torch.enable_grad():
         yield
@@ -421,18 +421,19 @@ class Method(nn.Module):
             return weights
         alive = weights > 0
         masks = [alive]  # alive before the first policy, then kept after each (= alive before the next)
-        host, empty, empty_from = self._host_guard, False, None
+        host = self._host_guard
+        empty_from = None  # the stage from which nothing is alive (read on the host), while it lasts
         for i, (key, policy) in enumerate(zip(keys, self.policies)):
             if host and i and policy.inert_when_empty:  # reads are free: no sample alive, no call
-                empty = empty or not bool(alive.any())
-                if empty:  # its factor (0 for every sample not alive) would change no weight
-                    empty_from = i if empty_from is None else empty_from
+                if empty_from is None and not bool(alive.any()):
+                    empty_from = i
+                if empty_from is not None:  # its factor (0 for every sample not alive) would change no weight
                     self.last_selection[key] = alive
                     masks.append(alive)
                     continue
             weights = weights * policy(ctx, alive)
             alive = weights > 0
-            empty, empty_from = False, None
+            empty_from = None
             self.last_selection[key] = alive
             masks.append(alive)
         if self._host_guard:  # reads are free (the CPU): every stage's count in one read, added as numbers
@@ -707,8 +708,9 @@ class Method(nn.Module):
             monitor = self._modules.get("step_monitor")  # tta.monitor: this call's statistics, on the device
             started = time.perf_counter() if monitor is not None else 0.0
             try:
-                if self.speed.amp or (self.learns and (not torch.is_grad_enabled() or torch.is_inference_mode_enabled())):
-                    with self.speed_context(args[0] if args else kwargs.get("x")), self._grad_context():
+                grad = self._grad_context()
+                if self.speed.amp or grad is not None:
+                    with self.speed_context(args[0] if args else kwargs.get("x")), grad or contextlib.nullcontext():
                         out = super().__call__(*args, **kwargs)
                 else:  # no context to enter (the usual call): none made
                     out = super().__call__(*args, **kwargs)
@@ -723,16 +725,16 @@ class Method(nn.Module):
                 monitor.observe(out, time.perf_counter() - started)
             return out
 
-    def _grad_context(self) -> contextlib.AbstractContextManager:
+    def _grad_context(self) -> contextlib.AbstractContextManager | None:
         """Gradients on for the call of a method that learns, whatever the caller's mode: an evaluation
         loop under ``torch.no_grad()`` (the usual one) still adapts, as the official Tent/EATA/SAR/DeYO
         code ensures with ``@torch.enable_grad()`` on its step; under ``torch.inference_mode()`` the
-        step runs with inference mode off (the returned logits are ordinary tensors). Nothing to do
-        (no context) when gradients are on already or the method does not learn."""
+        step runs with inference mode off (the returned logits are ordinary tensors). ``None`` (nothing
+        to enter) when gradients are on already or the method does not learn."""
         if not self.learns or (torch.is_grad_enabled() and not torch.is_inference_mode_enabled()):
-            return contextlib.nullcontext()
+            return None
         if torch.is_inference_mode_enabled():
-            return _LEARNING_UNDER_INFERENCE_MODE()
+            return _learning_under_inference_mode()
         return torch.enable_grad()
 
     def __getstate__(self) -> dict[str, Any]:
