@@ -90,7 +90,7 @@ class Plain(nn.Module):
     """The official wrapper (``Tent``, ``EATA``, ``SAR``, ``DeYO``: an ``nn.Module``): ``forward``
     resets when ``episodic`` and runs ``steps`` calls of the method's ``adapt`` (their
     ``forward_and_adapt*``, decorated with ``@torch.enable_grad()``). The evaluation loop around it
-    runs under ``torch.no_grad()`` (:data:`EVAL_NO_GRAD`)."""
+    runs under ``torch.no_grad()`` (:func:`eval_context`)."""
 
     preset = "norm"
     episodic = False
