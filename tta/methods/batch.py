@@ -92,8 +92,9 @@ class BatchMethod(Method):
         self.count_batch(x)
         if self.speed.channels_last:  # the layout the compiled graphs were made for (a no-op when it is already)
             x = x.contiguous(memory_format=torch.channels_last)
-        self.before_step()
-        self.plan_skip(x.device)
+        if self.learns:  # the update's state and the skip decision: nothing to prepare without an update
+            self.before_step()
+            self.plan_skip(x.device)
         step = self.adapt
         if self.speed.compile:
             if self._compiled_id != id(self):  # a copy of a compiled method: its own compiled step

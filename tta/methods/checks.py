@@ -33,9 +33,10 @@ def check_batch(x: torch.Tensor, channels: int = 3, nonfinite: str = "raise", *,
     From the values: non-finite values (when ``nonfinite="raise"``) and values outside
     ``input_range`` by more than ``tolerance`` (unless ``input_range`` is ``None``). Both come from
     one reduction (``aminmax``, which propagates NaN) and cost **one host synchronisation** per
-    batch together; with ``nonfinite="skip"`` and ``input_range=None`` there is none. With
-    ``nonfinite="skip"`` a non-finite batch is predicted but its update is dropped on the device
-    and counted, and only its finite values are range-checked.
+    batch together (on the CPU, where a read is free, its two numbers are read as scalars); with
+    ``nonfinite="skip"`` and ``input_range=None`` there is none. With ``nonfinite="skip"`` a
+    non-finite batch is predicted but its update is dropped on the device and counted, and only its
+    finite values are range-checked.
     """
     if not torch.is_tensor(x):
         raise ValueError(f"expected a tensor batch of images, got {type(x).__name__}")
@@ -63,11 +64,15 @@ def check_batch(x: torch.Tensor, channels: int = 3, nonfinite: str = "raise", *,
     check_finite = nonfinite == "raise"
     if not check_finite and input_range is None:
         return
-    values = x.detach()
+    values = x.detach() if x.requires_grad else x
     if not check_finite:  # skip mode: non-finite values are the guarded step's business, not a range error
         lo, hi = input_range
         values = values.nan_to_num(nan=lo, posinf=hi, neginf=lo)
-    low, high = torch.stack(torch.aminmax(values)).float().tolist()  # the one host sync
+    extremes = torch.aminmax(values)
+    if x.device.type == "cpu":  # two reads, free here: fewer ops than gathering the pair first
+        low, high = extremes[0].item(), extremes[1].item()
+    else:  # one copy to the host: the one host sync
+        low, high = torch.stack(extremes).float().tolist()
     if check_finite and not (math.isfinite(low) and math.isfinite(high)):
         raise ValueError("batch contains NaN or Inf values; nothing was updated "
                          "(pass nonfinite='skip' to predict anyway and count the skipped update)")
