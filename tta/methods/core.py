@@ -375,7 +375,7 @@ class Method(nn.Module):
         when read already). Returns the device bool "the step was kept" (false)."""
         if self.update is not None:
             self.update.clear_grads()
-            ok = self.update._flag(False)  # a shared constant (callers only read it)
+            ok = self.update.constant_flag(False)  # a shared constant (callers only read it)
         else:
             ok = torch.zeros((), dtype=torch.bool, device=weights.device)
         if kept is not None and self._host_guard:  # the size was read already: count with it

@@ -233,7 +233,7 @@ class GuardedStep:
         grads = [p.grad for p in self.params if p.grad is not None]
         return not grads or nonfinite_found(grads).item() == 0
 
-    def _flag(self, value: bool) -> torch.Tensor:
+    def constant_flag(self, value: bool) -> torch.Tensor:
         """A 0-dim bool tensor on the parameters' device (cached; callers only read it)."""
         device = self.params[0].device
         flags = self.__dict__.get("_flags")
@@ -281,7 +281,7 @@ class GuardedStep:
             if self.stepped:
                 self.prime()
                 optimizer_step(self.optimizer)
-            return self._flag(self.stepped)
+            return self.constant_flag(self.stepped)
         ok = ok & self.grads_finite()
         for p in self.params:
             if p.grad is not None:
